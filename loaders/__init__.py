@@ -1,0 +1,28 @@
+"""The shared loader: parse LoHa/LoKr files, rebuild ΔW per layer, resolve names, patch weights.
+
+torch + safetensors only; diffusers is imported lazily by the pipeline mixin.
+"""
+
+from .adapter import Adapter, load_adapter, split_key
+from .blocks import BlockWeights, parse_block_weights, presets
+from .errors import (
+    AdapterFormatError,
+    AdapterShapeError,
+    BaseModelMismatchError,
+    BlockWeightsError,
+    LohakrError,
+    StrictLoadError,
+)
+from .metadata import AdapterMetadata
+from .modules import AdapterModule, FullModule, LohaModule, LokrModule, LoraModule
+from .names import LayerTarget, ModelLayout
+from .report import LoadReport, ModuleOutcome
+from .resolve import Match, resolve
+
+__all__ = [
+    "Adapter", "AdapterFormatError", "AdapterMetadata", "AdapterModule", "AdapterShapeError",
+    "BaseModelMismatchError", "BlockWeights", "BlockWeightsError", "FullModule", "LayerTarget",
+    "LoadReport", "LohaModule", "LohakrError", "LokrModule", "LoraModule", "Match", "ModelLayout",
+    "ModuleOutcome", "StrictLoadError", "load_adapter", "parse_block_weights", "presets", "resolve",
+    "split_key",
+]

@@ -1,0 +1,332 @@
+"""Parse one adapter file (or state dict) into an ``Adapter``: modules grouped and classified (spec §1, §9).
+
+Reads ``.safetensors`` only (pickles can run code and are refused), groups keys by module name,
+decides the algorithm per module from its suffixes, parses alpha of any dtype or one-element
+shape, and records every module it does not apply with the reason. No ΔW is built here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import AdapterFormatError, where
+from .metadata import (
+    BASE_MODEL_NAMES,
+    AdapterMetadata,
+    base_model_from_names,
+    base_model_from_widths,
+)
+from .modules import MODULE_CLASSES, AdapterModule
+
+# Suffixes of the algorithms we apply, per kind.
+ALGORITHM_SUFFIXES: dict[str, frozenset[str]] = {
+    "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
+    "lokr": frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                       "lokr_t2", "lokr_t1"}),
+    "lora": frozenset({"lora_up.weight", "lora_down.weight", "lora_mid.weight"}),
+    "full": frozenset({"diff", "diff_b"}),
+}
+COMMON_SUFFIXES = frozenset({"alpha", "dora_scale", "scalar"})
+
+# Other LyCORIS/PEFT algorithms: recognised and reported as unsupported, never applied.
+UNSUPPORTED_SUFFIXES: dict[str, str] = {
+    "w_norm": "norm-layer diff (LyCORIS train_norm)",
+    "b_norm": "norm-layer diff (LyCORIS train_norm)",
+    "oft_blocks": "OFT/BOFT",
+    "oft_diag": "OFT",
+    "rescale": "OFT/BOFT",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "bm.weight": "GLoRA",
+    "on_input": "IA3",
+    "weight": "IA3",
+    "lora_A.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
+    "lora_B.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
+    "lora_A.default.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
+    "lora_B.default.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
+    "lora_magnitude_vector": "PEFT DoRA magnitude",
+}
+
+KNOWN_SUFFIXES: tuple[str, ...] = tuple(
+    sorted(
+        set().union(*ALGORITHM_SUFFIXES.values(), COMMON_SUFFIXES, UNSUPPORTED_SUFFIXES),
+        key=len,
+        reverse=True,
+    )
+)
+
+KIND_NAMES = {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA/LoCon", "full": "full diff"}
+
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``module.suffix`` → ``(module, suffix)``.
+
+    kohya/LyCORIS module names have no dot, so the split is at the first dot (spec §1.2). Dotted
+    diffusers/PEFT names are split before the longest known suffix instead.
+    """
+    module, dot, suffix = key.partition(".")
+    if dot and suffix in KNOWN_SUFFIXES:
+        return module, suffix
+    for known in KNOWN_SUFFIXES:
+        if key.endswith("." + known):
+            return key[: -len(known) - 1], known
+    return module, suffix
+
+
+def parse_alpha(tensor: Tensor, context: str) -> float:
+    """Alpha from a tensor of any dtype (fp16/bf16/fp32/int64) and any one-element shape."""
+    if tensor.numel() != 1:
+        raise AdapterFormatError(
+            f"{context}alpha has shape {tuple(tensor.shape)}; expected one value"
+        )
+    return float(tensor.reshape(-1)[0].item())
+
+
+def _nonfinite_count(t: Tensor) -> int:
+    if not t.is_floating_point():
+        return 0
+    return int((~torch.isfinite(t)).sum().item())
+
+
+@dataclass
+class Adapter:
+    """One parsed adapter file: its modules (factors only), metadata, and what was skipped."""
+
+    source: str
+    modules: dict[str, AdapterModule]
+    metadata: AdapterMetadata
+    skipped: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    base_model: str = "unknown"
+    base_model_evidence: str = ""
+
+    @property
+    def name(self) -> str:
+        """A short name: the file stem, or ``"adapter"`` for a state dict."""
+        if self.source.startswith("<"):
+            return "adapter"
+        return Path(self.source).stem
+
+    @property
+    def algorithm_counts(self) -> Counter:
+        return Counter(m.kind for m in self.modules.values())
+
+    @property
+    def kinds(self) -> set[str]:
+        return {m.kind for m in self.modules.values()}
+
+    @property
+    def base_model_name(self) -> str:
+        return BASE_MODEL_NAMES[self.base_model]
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self.modules.values())
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in sorted(self.algorithm_counts.items()))
+        line = f"{self.name}: {counts or 'no applicable modules'}; base model {self.base_model_name}"
+        if self.skipped:
+            line += f"; {len(self.skipped)} not applicable"
+        return line
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read every tensor and the header metadata; refuse pickles and broken files clearly."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise AdapterFormatError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if size == 0:
+        raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise AdapterFormatError(
+            f"{path}: this is a pickled PyTorch checkpoint (.pt/.ckpt), not safetensors. "
+            "Pickles can run arbitrary code, so lohakr does not open them; convert the file to "
+            ".safetensors with a tool you trust"
+        )
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or header_len <= 0 or header_len > min(size - 8, _SAFETENSORS_MAX_HEADER) or head[8:9] != b"{":
+        raise AdapterFormatError(
+            f"{path}: not a safetensors file (its header is missing or truncated). "
+            "Check that the download finished; lohakr reads .safetensors adapters only"
+        )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as reader:
+            metadata = dict(reader.metadata() or {})
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise AdapterFormatError(
+            f"{path}: not a readable safetensors file ({err}). The file may be truncated or "
+            "corrupt; re-download it"
+        ) from err
+    return tensors, metadata
+
+
+def load_adapter(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    zero_alpha_means_rank: bool = False,
+) -> Adapter:
+    """Parse a LoHa/LoKr (or mixed LyCORIS) adapter from a ``.safetensors`` path or a state dict.
+
+    Every module ends up either in ``Adapter.modules`` (LoHa, LoKr, LoRA/LoCon, full diff) or in
+    ``Adapter.skipped`` with the reason. Broken modules raise ``AdapterFormatError`` naming the
+    file and module. ``zero_alpha_means_rank`` reads ``alpha == 0`` as LyCORIS' modules do
+    (scale 1) instead of ComfyUI/A1111's scale 0.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source = "<state dict>"
+        tensors = dict(path_or_state_dict)
+        header: dict[str, str] = {}
+        for key, value in tensors.items():
+            if not isinstance(value, Tensor):
+                raise AdapterFormatError(f"{source}: value of {key!r} is {type(value).__name__}, not a tensor")
+    else:
+        source = os.fspath(path_or_state_dict)
+        tensors, header = _read_safetensors(source)
+    if metadata:
+        header = {**header, **{str(k): str(v) for k, v in metadata.items()}}
+    if not tensors:
+        raise AdapterFormatError(f"{source}: the file contains no tensors")
+
+    info = AdapterMetadata(header)
+    wd_hint = info.wd_on_output
+    groups: dict[str, dict[str, Tensor]] = {}
+    adapter = Adapter(source=source, modules={}, metadata=info)
+    for key, tensor in tensors.items():
+        if key.startswith("bundle_emb."):
+            adapter.skipped.setdefault("bundle_emb", "bundled textual-inversion embeddings (not a layer)")
+            continue
+        module_name, suffix = split_key(key)
+        groups.setdefault(module_name, {})[suffix] = tensor
+
+    for module_name, group in groups.items():
+        module = _build_module(module_name, group, source, adapter, wd_hint, zero_alpha_means_rank)
+        if module is not None:
+            adapter.modules[module_name] = module
+
+    adapter.base_model, adapter.base_model_evidence = _detect_base_model(adapter)
+    return adapter
+
+
+def _build_module(
+    name: str,
+    group: dict[str, Tensor],
+    source: str,
+    adapter: Adapter,
+    wd_hint: bool | None,
+    zero_alpha_means_rank: bool,
+) -> AdapterModule | None:
+    context = where(source, name)
+    kinds = [kind for kind, suffixes in ALGORITHM_SUFFIXES.items() if suffixes & group.keys()]
+    if not kinds:
+        other = sorted({UNSUPPORTED_SUFFIXES[s] for s in group if s in UNSUPPORTED_SUFFIXES})
+        if other:
+            adapter.skipped[name] = f"unsupported algorithm: {', '.join(other)}"
+        else:
+            adapter.skipped[name] = f"unrecognised keys: {', '.join(sorted(group))}"
+        return None
+    if len(kinds) > 1:
+        raise AdapterFormatError(
+            f"{context}mixes {' and '.join(KIND_NAMES[k] for k in kinds)} keys "
+            f"({', '.join(sorted(group))}); one module holds one algorithm"
+        )
+    kind = kinds[0]
+    factors: dict[str, Tensor] = {}
+    alpha: float | None = None
+    scalar: float | None = None
+    dora_scale: Tensor | None = None
+    notes: list[str] = []
+    for suffix, tensor in group.items():
+        if suffix == "alpha":
+            alpha = parse_alpha(tensor, context)
+        elif suffix == "scalar":
+            scalar = parse_alpha(tensor, context)
+            notes.append(f"has a stored scalar {scalar:g}; ΔW is multiplied by it")
+        elif suffix == "dora_scale":
+            dora_scale = tensor
+        elif suffix == "lokr_t1":
+            notes.append("lokr_t1 is ignored: no LyCORIS version reads it")
+        elif suffix in ALGORITHM_SUFFIXES[kind]:
+            factors[suffix] = tensor
+        else:
+            notes.append(f"ignored unknown key {suffix!r}")
+
+    for suffix, tensor in [*factors.items(), *([("dora_scale", dora_scale)] if dora_scale is not None else [])]:
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{context}{suffix} has dtype {tensor.dtype}; factors must be floating point")
+        bad = _nonfinite_count(tensor)
+        if bad:
+            raise AdapterFormatError(
+                f"{context}{suffix} contains {bad} NaN/inf value(s) of {tensor.numel()}; "
+                "the file is corrupt (often a diverged training run). Nothing was patched"
+            )
+
+    module = MODULE_CLASSES[kind](
+        name=name,
+        factors=factors,
+        alpha=alpha,
+        dora_scale=dora_scale,
+        scalar=scalar,
+        source=source,
+        dora_prefer_output=True if wd_hint is None else wd_hint,
+        zero_alpha_means_rank=zero_alpha_means_rank,
+        notes=notes,
+    )
+    if alpha is not None and module.uses_alpha and module.rank is not None:
+        if not math.isfinite(alpha):
+            raise AdapterFormatError(
+                f"{context}alpha is {alpha}; a finite alpha is needed for the scale alpha/rank "
+                f"(rank {module.rank}). The file is corrupt"
+            )
+        if alpha == 0:
+            module.notes.append(
+                "alpha is 0: scale 0 as in ComfyUI/A1111 (pass zero_alpha_means_rank=True for "
+                "LyCORIS' reading, scale 1)"
+            )
+    for note in module.notes:
+        adapter.warnings.append(f"{context}{note}")
+        if "alpha is 0" in note or "scalar" in note:
+            warnings.warn(f"{context}{note}", stacklevel=3)
+    return module
+
+
+def _detect_base_model(adapter: Adapter) -> tuple[str, str]:
+    """Metadata first, then key prefixes; the cross-attention input width overrides both."""
+    hint = adapter.metadata.base_model_hint() or base_model_from_names(adapter.modules)
+    widths = base_model_from_widths(_cross_attention_widths(adapter.modules.values()))
+    if widths and (hint is None or widths[0] != hint[0]):
+        if hint is not None:
+            adapter.warnings.append(
+                f"{adapter.source}: the header says {BASE_MODEL_NAMES[hint[0]]} ({hint[1]}) but "
+                f"{widths[1]}, which means {BASE_MODEL_NAMES[widths[0]]}; trusting the shapes"
+            )
+        return widths
+    return hint or ("unknown", "no metadata, and key names and shapes do not tell")
+
+
+def _cross_attention_widths(modules: Iterable[AdapterModule]) -> Iterable[tuple[str, int]]:
+    for module in modules:
+        if "attn2" in module.name and module.name.rstrip("_").endswith(("to_k", "to_v")):
+            yield module.name, module.in_features

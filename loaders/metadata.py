@@ -1,0 +1,123 @@
+"""Header metadata of an adapter file: decoded training args, tags, modelspec, base model (spec §6.2)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+BASE_MODELS = ("sdxl", "sd1", "sd2", "unknown")
+BASE_MODEL_NAMES = {"sdxl": "SDXL", "sd1": "SD1.5", "sd2": "SD2.x", "unknown": "an unknown base model"}
+
+# attn2 (cross-attention) to_k/to_v input width = the text encoder's hidden size.
+CROSS_ATTENTION_WIDTH = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
+
+
+def _json(value: str | None) -> Any:
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return None
+
+
+@dataclass
+class AdapterMetadata:
+    """The raw header plus the parts people ask about, decoded."""
+
+    raw: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def training_args(self) -> dict[str, Any]:
+        """``ss_network_args`` as a dict (values are the strings sd-scripts wrote)."""
+        args = _json(self.raw.get("ss_network_args"))
+        return args if isinstance(args, dict) else {}
+
+    @property
+    def tag_frequency(self) -> Counter:
+        """``ss_tag_frequency`` merged over datasets: tag → count."""
+        counts: Counter = Counter()
+        data = _json(self.raw.get("ss_tag_frequency"))
+        if isinstance(data, dict):
+            for tags in data.values():
+                if isinstance(tags, dict):
+                    for tag, n in tags.items():
+                        try:
+                            counts[str(tag).strip()] += int(n)
+                        except (TypeError, ValueError):
+                            continue
+        return counts
+
+    def top_tags(self, n: int = 10) -> list[tuple[str, int]]:
+        return self.tag_frequency.most_common(n)
+
+    @property
+    def modelspec(self) -> dict[str, str]:
+        return {k[len("modelspec."):]: v for k, v in self.raw.items() if k.startswith("modelspec.")}
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.raw.get(key, default)
+
+    @property
+    def network_module(self) -> str | None:
+        return self.raw.get("ss_network_module")
+
+    @property
+    def resolution(self) -> str | None:
+        return self.raw.get("ss_resolution") or self.raw.get("modelspec.resolution")
+
+    @property
+    def wd_on_output(self) -> bool | None:
+        """LyCORIS' DoRA axis flag, when the training args record it."""
+        value = self.training_args.get("wd_on_output")
+        if value is None:
+            return None
+        return str(value).strip().lower() in ("true", "1", "yes")
+
+    def base_model_hint(self) -> tuple[str, str] | None:
+        """``(base, evidence)`` from ``modelspec.architecture``, then ``ss_base_model_version``,
+        then ``ss_v2``; ``None`` when the header says nothing."""
+        arch = self.raw.get("modelspec.architecture", "")
+        if arch:
+            low = arch.lower()
+            if "stable-diffusion-xl" in low:
+                return "sdxl", f"modelspec.architecture = {arch}"
+            if "stable-diffusion-v2" in low:
+                return "sd2", f"modelspec.architecture = {arch}"
+            if "stable-diffusion-v1" in low:
+                return "sd1", f"modelspec.architecture = {arch}"
+        version = self.raw.get("ss_base_model_version", "")
+        if version:
+            if version.startswith("sdxl"):
+                return "sdxl", f"ss_base_model_version = {version}"
+            if version.startswith("sd_v2"):
+                return "sd2", f"ss_base_model_version = {version}"
+            if version.startswith("sd_v1"):
+                return "sd1", f"ss_base_model_version = {version}"
+        v2 = self.raw.get("ss_v2")
+        if v2 == "True":
+            return "sd2", "ss_v2 = True"
+        return None
+
+
+_SDXL_KEY = re.compile(r"^lora_(te1|te2)_|^lora_unet_(input_blocks|middle_block|output_blocks)_")
+
+
+def base_model_from_names(module_names: Iterable[str]) -> tuple[str, str] | None:
+    """SDXL from kohya key prefixes (``lora_te1_``/``lora_te2_``, SGM UNet names)."""
+    for name in module_names:
+        if _SDXL_KEY.match(name):
+            return "sdxl", f"key prefix of {name}"
+    return None
+
+
+def base_model_from_widths(cross_attention_inputs: Iterable[tuple[str, int]]) -> tuple[str, str] | None:
+    """From the input width of cross-attention to_k/to_v modules: 2048 SDXL, 768 SD1, 1024 SD2."""
+    for name, width in cross_attention_inputs:
+        base = CROSS_ATTENTION_WIDTH.get(width)
+        if base:
+            return base, f"{name} has {width} inputs"
+    return None

@@ -1,0 +1,472 @@
+"""One adapted layer of a file: its raw factors, its scale, and ΔW on demand (spec §2, §3, §5).
+
+A module keeps the tensors exactly as stored (``_a`` is the output side, ``_b`` the input side;
+in Tucker mode ``_a`` is ``(r, out)``) and never holds a ΔW: ``delta()`` builds one layer's update
+in float32 on the requested device and hands it over. The scale ``s`` is computed in exactly one
+place, ``AdapterModule.scale``; the rebuild functions in ``rebuild.py`` return unscaled products.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from . import rebuild
+from .errors import AdapterShapeError, where
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+@dataclass(eq=False)
+class AdapterModule:
+    """Base class: factors as stored plus alpha, DoRA magnitude and the scale rule."""
+
+    name: str
+    factors: dict[str, Tensor]
+    alpha: float | None = None
+    dora_scale: Tensor | None = None
+    scalar: float | None = None
+    source: str | None = None
+    dora_prefer_output: bool = True
+    zero_alpha_means_rank: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    kind: ClassVar[str] = ""
+    uses_alpha: ClassVar[bool] = True
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def rank(self) -> int | None:
+        """The rank that alpha is divided by; ``None`` where the scale rule ignores alpha."""
+        raise NotImplementedError
+
+    @property
+    def tucker(self) -> bool:
+        return False
+
+    @property
+    def dora(self) -> bool:
+        return self.dora_scale is not None
+
+    @property
+    def scale(self) -> float:
+        """``s`` of spec §3.1: ``α/r``; 1 without alpha or without a rank (full+full LoKr);
+        0 for ``α == 0`` (as ComfyUI/A1111/InvokeAI; ``zero_alpha_means_rank`` gives LyCORIS' 1).
+        A stored ``scalar`` (never written by current trainers) multiplies in."""
+        rank = self.rank
+        if not self.uses_alpha or rank is None or self.alpha is None:
+            s = 1.0
+        elif self.alpha == 0:
+            s = 1.0 if self.zero_alpha_means_rank else 0.0
+        else:
+            s = self.alpha / rank
+        if self.scalar is not None:
+            s *= self.scalar
+        return s
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The layer weight shape the factors imply (2-D ``(O, I·k…)`` where kernels are folded)."""
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Input width of a Linear target (the folded input size of a conv)."""
+        shape = self.weight_shape
+        return _numel(shape[1:]) if len(shape) > 1 else 1
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every stored tensor of this module, DoRA magnitude included."""
+        out = dict(self.factors)
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # -- target checks -----------------------------------------------------------------------
+    def check_target(self, weight_shape: tuple[int, ...]) -> str | None:
+        """Why this module cannot patch a weight of ``weight_shape``; ``None`` when it can."""
+        mine = self.weight_shape
+        target = tuple(weight_shape)
+        if mine[0] != target[0] or _numel(mine) != _numel(target):
+            return (
+                f"ΔW is {_fmt(mine)} but the layer weight is {_fmt(target)}"
+            )
+        if self.dora_scale is not None and not self._dora_axis(target):
+            return (
+                f"dora_scale has shape {_fmt(_shape(self.dora_scale))}, which fits neither axis "
+                f"of the layer weight {_fmt(target)}"
+            )
+        return None
+
+    def _dora_axis(self, weight_shape: tuple[int, ...]) -> str:
+        return rebuild.dora_axis(
+            _shape(self.dora_scale), tuple(weight_shape), self.dora_prefer_output
+        )
+
+    def dora_axis(self, weight_shape: tuple[int, ...]) -> str:
+        """``"out"`` or ``"in"``: the axis this module's DoRA normalises on that weight."""
+        return self._dora_axis(weight_shape)
+
+    # -- math --------------------------------------------------------------------------------
+    def _factor(self, key: str, device: torch.device | str | None) -> Tensor | None:
+        t = self.factors.get(key)
+        if t is None:
+            return None
+        return t.to(device=device, dtype=torch.float32)
+
+    def product(self, device: torch.device | str | None = None) -> Tensor:
+        """The unscaled update R in float32 (a new tensor, in the module's natural layout)."""
+        raise NotImplementedError
+
+    def delta(self, weight_shape: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
+        """``s·R`` reshaped to ``weight_shape``, float32 on ``device``; strength not included."""
+        problem = self.check_target(weight_shape)
+        if problem:
+            raise AdapterShapeError(f"{where(self.source, self.name)}{problem}")
+        product = self.product(device)
+        if _shape(product) != tuple(weight_shape):
+            product = product.reshape(weight_shape)
+        scale = self.scale
+        if scale != 1.0:
+            product.mul_(scale)
+        return product
+
+    def bias_delta(self, device: torch.device | str | None = None) -> Tensor | None:
+        """The bias update, for modules that carry one (full ``diff_b``); else ``None``."""
+        return None
+
+    def add_to(self, weight: Tensor, strength: float) -> Tensor:
+        """Apply this module at ``strength`` to ``weight`` (float32, modified in place).
+
+        Without DoRA: ``W += μ·s·R``. With DoRA: ``W ← W + μ·(DoRA(W + s·R) − W)``, where ``W`` is
+        the weight before this module (μ = 0 leaves it exactly unchanged).
+        """
+        if strength == 0:
+            return weight
+        update = self.delta(_shape(weight), weight.device)
+        if self.dora_scale is None:
+            if strength == 1:
+                return weight.add_(update)
+            return weight.add_(update, alpha=strength)
+        update.add_(weight)
+        magnitude = self.dora_scale.to(device=weight.device, dtype=torch.float32)
+        rebuild.apply_dora(update, magnitude, self._dora_axis(_shape(weight)))
+        if strength == 1:
+            return weight.copy_(update)
+        return weight.add_(update.sub_(weight), alpha=strength)
+
+    def patched_weight(
+        self,
+        base: Tensor,
+        strength: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """A new tensor: ``base`` patched by this module at ``strength``, computed in float32 and
+        cast once to ``base.dtype``."""
+        work = base.to(device=device or base.device, dtype=torch.float32, copy=True)
+        self.add_to(work, strength)
+        return work.to(base.dtype)
+
+    def describe(self) -> str:
+        bits = [self.kind]
+        if self.rank is not None:
+            bits.append(f"rank {self.rank}")
+        bits.append(f"alpha {self.alpha:g}" if self.alpha is not None else "no alpha")
+        bits.append(f"scale {self.scale:g}")
+        if self.tucker:
+            bits.append("tucker")
+        if self.dora:
+            bits.append("dora")
+        return ", ".join(bits)
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _need(module_name: str, source: str | None, factors: dict[str, Tensor], *keys: str) -> None:
+    missing = [k for k in keys if k not in factors]
+    if missing:
+        have = ", ".join(sorted(factors)) or "nothing"
+        raise AdapterShapeError(
+            f"{where(source, module_name)}missing {', '.join(missing)} (it has {have}); "
+            "the file is incomplete or was written by a broken converter"
+        )
+
+
+def _inner(module: AdapterModule, left: str, right: str, left_dim: int, right_dim: int) -> None:
+    """Check that two chained factors agree on their shared (rank) dimension."""
+    a, b = module.factors[left], module.factors[right]
+    if a.dim() <= left_dim or b.dim() <= right_dim or a.shape[left_dim] != b.shape[right_dim]:
+        raise AdapterShapeError(
+            f"{where(module.source, module.name)}rank mismatch: {left} {_fmt(_shape(a))} does not "
+            f"chain with {right} {_fmt(_shape(b))}"
+        )
+
+
+@dataclass(eq=False)
+class LohaModule(AdapterModule):
+    """LoHa: ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b)``; Tucker (``hada_t1``/``hada_t2``) for k×k convs."""
+
+    kind: ClassVar[str] = "loha"
+
+    def __post_init__(self) -> None:
+        f = self.factors
+        _need(self.name, self.source, f, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        if ("hada_t1" in f) != ("hada_t2" in f):
+            _need(self.name, self.source, f, "hada_t1", "hada_t2")
+        if self.tucker:
+            for i in ("1", "2"):
+                t = f[f"hada_t{i}"]
+                if t.dim() < 3:
+                    raise AdapterShapeError(
+                        f"{where(self.source, self.name)}hada_t{i} {_fmt(_shape(t))} is not a "
+                        "Tucker core (r, r, k…)"
+                    )
+                _inner(self, f"hada_t{i}", f"hada_w{i}_a", 0, 0)
+                _inner(self, f"hada_t{i}", f"hada_w{i}_b", 1, 0)
+        else:
+            _inner(self, "hada_w1_a", "hada_w1_b", 1, 0)
+            _inner(self, "hada_w2_a", "hada_w2_b", 1, 0)
+        if f["hada_w1_b"].shape[0] != f["hada_w2_b"].shape[0]:
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}rank mismatch: branch 1 has rank "
+                f"{f['hada_w1_b'].shape[0]}, branch 2 rank {f['hada_w2_b'].shape[0]}; no trainer "
+                "writes this and the scale alpha/rank would be ambiguous"
+            )
+        shape1, shape2 = self._branch_shape("1"), self._branch_shape("2")
+        if shape1 != shape2:
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}the two Hadamard branches have different shapes "
+                f"{_fmt(shape1)} and {_fmt(shape2)}"
+            )
+
+    @property
+    def tucker(self) -> bool:
+        return "hada_t1" in self.factors
+
+    @property
+    def rank(self) -> int:
+        return int(self.factors["hada_w1_b"].shape[0])
+
+    def _branch_shape(self, i: str) -> tuple[int, ...]:
+        f = self.factors
+        a, b = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
+        if self.tucker:
+            t = f[f"hada_t{i}"]
+            return (int(a.shape[1]), int(_numel(_shape(b)[1:])), *_shape(t)[2:])
+        return (int(a.shape[0]), int(_numel(_shape(b)[1:])))
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self._branch_shape("1")
+
+    def product(self, device=None) -> Tensor:
+        g = lambda k: self._factor(k, device)  # noqa: E731
+        if self.tucker:
+            return rebuild.loha_product(
+                g("hada_w1_a"), rebuild.flatten_factor(g("hada_w1_b")),
+                g("hada_w2_a"), rebuild.flatten_factor(g("hada_w2_b")),
+                g("hada_t1"), g("hada_t2"),
+            )
+        return rebuild.loha_product(
+            rebuild.flatten_factor(g("hada_w1_a")), g("hada_w1_b"),
+            rebuild.flatten_factor(g("hada_w2_a")), g("hada_w2_b"),
+        )
+
+
+@dataclass(eq=False)
+class LokrModule(AdapterModule):
+    """LoKr: ``w1 ⊗ w2``, each factor full or low-rank; w2 may be a Tucker rebuild."""
+
+    kind: ClassVar[str] = "lokr"
+
+    def __post_init__(self) -> None:
+        f = self.factors
+        if "lokr_w1" in f and "lokr_w1_a" in f:
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}has both lokr_w1 and lokr_w1_a/_b; it is "
+                "ambiguous which one is meant"
+            )
+        if "lokr_w2" in f and "lokr_w2_a" in f:
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}has both lokr_w2 and lokr_w2_a/_b; it is "
+                "ambiguous which one is meant"
+            )
+        if "lokr_w1" not in f:
+            _need(self.name, self.source, f, "lokr_w1_a", "lokr_w1_b")
+            _inner(self, "lokr_w1_a", "lokr_w1_b", 1, 0)
+        if "lokr_w2" not in f:
+            _need(self.name, self.source, f, "lokr_w2_a", "lokr_w2_b")
+            if "lokr_t2" in f:
+                _inner(self, "lokr_t2", "lokr_w2_a", 0, 0)
+                _inner(self, "lokr_t2", "lokr_w2_b", 1, 0)
+            else:
+                _inner(self, "lokr_w2_a", "lokr_w2_b", 1, 0)
+        elif "lokr_t2" in f:
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}lokr_t2 is present but w2 is stored full "
+                "(lokr_w2); a Tucker core needs lokr_w2_a/_b"
+            )
+        if self.w1_low_rank and self.w2_low_rank:
+            r1, r2 = int(f["lokr_w1_b"].shape[0]), int(f["lokr_w2_b"].shape[0])
+            if r1 != r2:
+                self.notes.append(
+                    f"w1 has rank {r1} and w2 rank {r2}; the scale uses the w2 rank as "
+                    "ComfyUI and A1111 do"
+                )
+
+    @property
+    def w1_low_rank(self) -> bool:
+        return "lokr_w1" not in self.factors
+
+    @property
+    def w2_low_rank(self) -> bool:
+        return "lokr_w2" not in self.factors
+
+    @property
+    def tucker(self) -> bool:
+        return "lokr_t2" in self.factors
+
+    @property
+    def rank(self) -> int | None:
+        f = self.factors
+        if self.w2_low_rank:
+            return int(f["lokr_w2_b"].shape[0])
+        if self.w1_low_rank:
+            return int(f["lokr_w1_b"].shape[0])
+        return None
+
+    @property
+    def w1_shape(self) -> tuple[int, int]:
+        f = self.factors
+        if "lokr_w1" in f:
+            w1 = f["lokr_w1"]
+            return (int(w1.shape[0]), int(_numel(_shape(w1)[1:])))
+        return (int(f["lokr_w1_a"].shape[0]), int(_numel(_shape(f["lokr_w1_b"])[1:])))
+
+    @property
+    def w2_shape(self) -> tuple[int, ...]:
+        f = self.factors
+        if "lokr_w2" in f:
+            return _shape(f["lokr_w2"])
+        if self.tucker:
+            return (int(f["lokr_w2_a"].shape[1]), int(f["lokr_w2_b"].shape[1]),
+                    *_shape(f["lokr_t2"])[2:])
+        return (int(f["lokr_w2_a"].shape[0]), int(_numel(_shape(f["lokr_w2_b"])[1:])))
+
+    @property
+    def factor(self) -> int:
+        """The smaller Kronecker block size, what ``factor=`` in training args produces."""
+        return max(self.w1_shape)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        (a, c), w2 = self.w1_shape, self.w2_shape
+        return (a * w2[0], c * w2[1], *w2[2:])
+
+    def product(self, device=None) -> Tensor:
+        g = lambda k: self._factor(k, device)  # noqa: E731
+        w1 = rebuild.lokr_w1(g("lokr_w1"), g("lokr_w1_a"), g("lokr_w1_b"))
+        w1 = w1.reshape(self.w1_shape)
+        w2_a = g("lokr_w2_a")
+        w2_b = g("lokr_w2_b")
+        if w2_b is not None:
+            w2_b = rebuild.flatten_factor(w2_b)
+        w2 = rebuild.lokr_w2(g("lokr_w2"), w2_a, w2_b, g("lokr_t2"))
+        out = rebuild.kron(w1, w2)
+        expected = self.weight_shape
+        if _shape(out) != expected:  # TV-KRON-PAD: never reshape a wrongly padded kron
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}Kronecker product has shape {_fmt(_shape(out))}, "
+                f"expected {_fmt(expected)}"
+            )
+        return out
+
+
+@dataclass(eq=False)
+class LoraModule(AdapterModule):
+    """LoRA/LoCon in a mixed file: ``up @ down``, or the Tucker form with ``lora_mid``."""
+
+    kind: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        f = self.factors
+        _need(self.name, self.source, f, "lora_up.weight", "lora_down.weight")
+        if "lora_mid.weight" in f:
+            _inner(self, "lora_up.weight", "lora_mid.weight", 1, 0)
+            _inner(self, "lora_mid.weight", "lora_down.weight", 1, 0)
+        else:
+            _inner(self, "lora_up.weight", "lora_down.weight", 1, 0)
+
+    @property
+    def tucker(self) -> bool:
+        return "lora_mid.weight" in self.factors
+
+    @property
+    def rank(self) -> int:
+        return int(self.factors["lora_down.weight"].shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        f = self.factors
+        out = int(f["lora_up.weight"].shape[0])
+        down = _shape(f["lora_down.weight"])
+        if self.tucker:
+            return (out, down[1], *_shape(f["lora_mid.weight"])[2:])
+        return (out, _numel(down[1:]))
+
+    def product(self, device=None) -> Tensor:
+        g = lambda k: self._factor(k, device)  # noqa: E731
+        return rebuild.lora_product(g("lora_up.weight"), g("lora_down.weight"), g("lora_mid.weight"))
+
+
+@dataclass(eq=False)
+class FullModule(AdapterModule):
+    """A full ΔW (``diff``) and optional bias delta (``diff_b``), LyCORIS ``algo=full``."""
+
+    kind: ClassVar[str] = "full"
+    uses_alpha: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _need(self.name, self.source, self.factors, "diff")
+
+    @property
+    def rank(self) -> None:
+        return None
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return _shape(self.factors["diff"])
+
+    def product(self, device=None) -> Tensor:
+        diff = self.factors["diff"]
+        return diff.to(device=device, dtype=torch.float32, copy=True)
+
+    def bias_delta(self, device=None) -> Tensor | None:
+        bias = self.factors.get("diff_b")
+        if bias is None:
+            return None
+        return bias.to(device=device, dtype=torch.float32, copy=True).mul_(self.scale)
+
+
+MODULE_CLASSES: dict[str, type[AdapterModule]] = {
+    cls.kind: cls for cls in (LohaModule, LokrModule, LoraModule, FullModule)
+}

@@ -1,0 +1,287 @@
+"""Resolve file module names to live model layers (spec sdxl-names.md §1).
+
+A ``ModelLayout`` is built from the live module tree of diffusers components (UNet, CLIP text
+encoders), never by rewriting ``_`` to ``.``: every Linear/Conv layer registers each name it can
+appear under in a file: kohya diffusers-style (``lora_unet_down_blocks_…``), kohya SGM
+(``lora_unet_input_blocks_…``, generated from the UNet's own block structure), ``lycoris_``
+(SimpleTuner), and dotted diffusers/PEFT names. Every layer also knows its block (IN04, M00, TE2…).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+from torch import nn
+
+RESNET_TO_SGM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+TOP_LEVEL_TO_SGM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TEXT_ENCODER_PREFIXES = {
+    ("sd", "text_encoder"): ("lora_te_", "lora_te1_"),
+    ("sdxl", "text_encoder"): ("lora_te1_", "lora_te_"),
+    ("sdxl", "text_encoder_2"): ("lora_te2_",),
+}
+
+
+@dataclass(eq=False)
+class LayerTarget:
+    """One patchable layer of the model: where it lives, its weight shape and its block."""
+
+    component: str
+    path: str
+    weight_shape: tuple[int, ...]
+    block: str
+    layer: nn.Module | None = None
+    sgm_path: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``component.path``, unique in the layout (``unet.down_blocks.1.attentions.0…``)."""
+        return f"{self.component}.{self.path}"
+
+
+@dataclass(eq=False)
+class ModelLayout:
+    """All patchable layers of a model, with every alias a file may use for them."""
+
+    family: str
+    targets: dict[str, LayerTarget]
+    aliases: dict[str, str] = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+    components: dict[str, nn.Module] = field(default_factory=dict)
+
+    def resolve(self, module_name: str) -> LayerTarget | None:
+        key = self.aliases.get(module_name)
+        return self.targets[key] if key is not None else None
+
+    def text_encoder_blocks(self) -> list[str]:
+        return [b for b in self.blocks if b.startswith("TE")]
+
+    def register(self, target: LayerTarget, names: list[str]) -> None:
+        self.targets[target.key] = target
+        for name in names:
+            self.aliases.setdefault(name, target.key)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        unet: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        text_encoder_2: nn.Module | None = None,
+    ) -> "ModelLayout":
+        """Build the layout of an SD1.x/SD2.x/SDXL diffusers model from its live components."""
+        family = detect_family(unet, text_encoder_2)
+        layout = cls(family=family, targets={})
+        te_style = "sdxl" if text_encoder_2 is not None else "sd"
+        for component, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+            if model is None:
+                continue
+            layout.components[component] = model
+            block = "TE" if te_style == "sd" else ("TE1" if component == "text_encoder" else "TE2")
+            prefixes = TEXT_ENCODER_PREFIXES[(te_style, component)]
+            for path, layer in patchable_layers(model):
+                target = LayerTarget(component, path, tuple(layer.weight.shape), block, layer)
+                layout.register(target, _text_encoder_names(component, path, prefixes))
+        if unet is not None:
+            layout.components["unet"] = unet
+            sgm = SgmNames(unet)
+            for path, layer in patchable_layers(unet):
+                sgm_path = sgm.to_sgm(path)
+                target = LayerTarget(
+                    "unet", path, tuple(layer.weight.shape), block_of_sgm(sgm_path), layer, sgm_path
+                )
+                layout.register(target, _unet_names(path, sgm_path))
+        layout.blocks = _ordered_blocks({t.block for t in layout.targets.values()}, layout)
+        return layout
+
+
+def patchable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, layer)`` for every Linear/Conv; a PEFT wrapper yields its base layer under its
+    own path, and nothing inside the wrapper is yielded."""
+    wrappers: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(w + ".") for w in wrappers):
+            continue
+        base = module.get_base_layer() if hasattr(module, "base_layer") and hasattr(module, "get_base_layer") else None
+        if base is not None and base is not module:
+            wrappers.append(path)
+            module = base
+        if isinstance(module, PATCHABLE) and getattr(module, "weight", None) is not None:
+            yield path, module
+
+
+def _underscored(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def _unet_names(path: str, sgm_path: str | None) -> list[str]:
+    flat = _underscored(path)
+    names = [f"lora_unet_{flat}", f"lycoris_{flat}", f"unet.{path}", f"base_model.model.{path}", path]
+    if sgm_path:
+        names += [f"lora_unet_{_underscored(sgm_path)}", f"diffusion_model.{sgm_path}"]
+    return names
+
+
+def _text_encoder_names(component: str, path: str, prefixes: tuple[str, ...]) -> list[str]:
+    """transformers 5 dropped ``text_model.`` from CLIPTextModel; files still have it, so both."""
+    variants = [path]
+    if path.startswith("text_model."):
+        variants.append(path[len("text_model."):])
+    else:
+        variants.append("text_model." + path)
+    names = []
+    for variant in variants:
+        names += [prefix + _underscored(variant) for prefix in prefixes]
+        names += [f"{component}.{variant}"]
+    names.append(f"base_model.model.{path}")
+    return names
+
+
+class SgmNames:
+    """diffusers UNet paths → SGM/LDM paths (``input_blocks.N.i…``), from the UNet's own blocks.
+
+    Counting resnets, attentions and samplers of the live model gives the index formulas of
+    sdxl-names.md §1.4 for any depth (SD1.5, SDXL, the refiner)."""
+
+    def __init__(self, unet: nn.Module):
+        self.prefixes: dict[str, str] = {}
+        for diffusers_name, sgm_name in TOP_LEVEL_TO_SGM.items():
+            self.prefixes[diffusers_name] = sgm_name
+        n = 1
+        for i, block in enumerate(getattr(unet, "down_blocks", [])):
+            attentions = getattr(block, "attentions", None) or []
+            for j in range(len(block.resnets)):
+                self.prefixes[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{n}.0"
+                if j < len(attentions):
+                    self.prefixes[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
+                n += 1
+            if getattr(block, "downsamplers", None):
+                self.prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+                n += 1
+        mid = getattr(unet, "mid_block", None)
+        if mid is not None:
+            for j in range(len(mid.resnets)):
+                self.prefixes[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
+            for j in range(len(getattr(mid, "attentions", None) or [])):
+                self.prefixes[f"mid_block.attentions.{j}"] = f"middle_block.{2 * j + 1}"
+        n = 0
+        for i, block in enumerate(getattr(unet, "up_blocks", [])):
+            attentions = getattr(block, "attentions", None) or []
+            for j in range(len(block.resnets)):
+                self.prefixes[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{n}.0"
+                if j < len(attentions):
+                    self.prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
+                n += 1
+            if getattr(block, "upsamplers", None):
+                slot = 2 if attentions else 1
+                self.prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{n - 1}.{slot}.conv"
+
+    def to_sgm(self, path: str) -> str | None:
+        parts = path.split(".")
+        for cut in range(len(parts), 0, -1):
+            head = ".".join(parts[:cut])
+            sgm = self.prefixes.get(head)
+            if sgm is None:
+                continue
+            rest = parts[cut:]
+            if ".resnets." in f".{head}." and rest and rest[0] in RESNET_TO_SGM:
+                rest = RESNET_TO_SGM[rest[0]].split(".") + rest[1:]
+            return ".".join([sgm, *rest])
+        return None
+
+
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
+
+
+def block_of_sgm(sgm_path: str | None) -> str:
+    """IN00…/M00/OUT00… from an SGM path; OTHER for time/label embeddings and the output head."""
+    if sgm_path is None:
+        return "OTHER"
+    if sgm_path.startswith("middle_block."):
+        return "M00"
+    m = _SGM_BLOCK.match(sgm_path)
+    if m:
+        return ("IN" if m.group(1) == "input_blocks" else "OUT") + f"{int(m.group(2)):02d}"
+    return "OTHER"
+
+
+def _ordered_blocks(present: set[str], layout: ModelLayout) -> list[str]:
+    def order(block: str) -> tuple[int, int]:
+        if block.startswith("TE"):
+            return (0, int(block[2:] or 0))
+        if block.startswith("IN"):
+            return (1, int(block[2:]))
+        if block == "M00":
+            return (2, 0)
+        if block.startswith("OUT"):
+            return (3, int(block[3:]))
+        return (4, 0)
+
+    blocks = set(present)
+    unet = layout.components.get("unet")
+    if unet is not None:
+        # Every IN/OUT slot of the UNet exists as a block, even one this layout has no layer in.
+        sgm = SgmNames(unet)
+        for sgm_path in sgm.prefixes.values():
+            blocks.add(block_of_sgm(sgm_path + "."))
+        blocks.add("OTHER")
+    return sorted(blocks, key=order)
+
+
+def detect_family(unet: nn.Module | None, text_encoder_2: nn.Module | None) -> str:
+    """sdxl / sd1 / sd2 from the UNet config (``text_time`` embedding, cross-attention width)."""
+    config = getattr(unet, "config", None)
+    if config is not None:
+        get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+        if get("addition_embed_type", None) == "text_time":
+            return "sdxl"
+        width = get("cross_attention_dim", None)
+        if width == 768:
+            return "sd1"
+        if width == 1024:
+            return "sd2"
+    if text_encoder_2 is not None:
+        return "sdxl"
+    return "sd1" if unet is not None else "unknown"
+
+
+_GUESS = [
+    (re.compile(r"(?:^|_)te1_|^text_encoder\."), lambda m: "TE1"),
+    (re.compile(r"(?:^|_)te2_|^text_encoder_2\."), lambda m: "TE2"),
+    (re.compile(r"(?:^|_)te_"), lambda m: "TE"),
+    (re.compile(r"input_blocks[._](\d+)"), lambda m: f"IN{int(m.group(1)):02d}"),
+    (re.compile(r"output_blocks[._](\d+)"), lambda m: f"OUT{int(m.group(1)):02d}"),
+    (re.compile(r"middle_block|mid_block"), lambda m: "M00"),
+    (re.compile(r"down_blocks[._](\d+)[._](?:resnets|attentions)[._](\d+)"),
+     lambda m: f"IN{1 + 3 * int(m.group(1)) + int(m.group(2)):02d}"),
+    (re.compile(r"down_blocks[._](\d+)[._]downsamplers"), lambda m: f"IN{3 + 3 * int(m.group(1)):02d}"),
+    (re.compile(r"up_blocks[._](\d+)[._](?:resnets|attentions)[._](\d+)"),
+     lambda m: f"OUT{3 * int(m.group(1)) + int(m.group(2)):02d}"),
+    (re.compile(r"up_blocks[._](\d+)[._]upsamplers"), lambda m: f"OUT{3 * int(m.group(1)) + 2:02d}"),
+]
+
+
+def guess_block(module_name: str) -> str:
+    """Best-effort block of a name that did not resolve (for the report only); ``?`` if unknown."""
+    for pattern, make in _GUESS:
+        m = pattern.search(module_name)
+        if m:
+            return make(m)
+    return "?"

@@ -1,0 +1,131 @@
+"""Pure math: rebuild the unscaled update R of each algorithm from its factors (spec §3).
+
+Every function takes float32 tensors already on the compute device and returns a new tensor.
+Nothing here knows about files, names, alpha or strength: the scale is applied by the caller
+(``AdapterModule.scale``), once. Kernel dimensions are generic (``...``), so Conv1d/2d/3d all work.
+
+Factor convention, kept from the file format: ``_a`` is the output side, ``_b`` the input side.
+In Tucker mode the output factor is stored transposed, ``(r, out)``; see ``rebuild_tucker``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def flatten_factor(factor: Tensor) -> Tensor:
+    """``(r, I, kh, kw)`` or ``(O, r, 1, 1)`` → 2-D, keeping the first axis (row-major fold)."""
+    return factor.reshape(factor.shape[0], -1)
+
+
+def rebuild_tucker(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tensor:
+    """Tucker rebuild ``T[p, q, ...] = Σ_ij out[i, p] · core[i, j, ...] · in[j, q]``.
+
+    ``core`` is ``(r1, r2, *kernel)``, ``out_factor`` ``(r1, P)``, ``in_factor`` ``(r2, Q)``;
+    the result is ``(P, Q, *kernel)``. The core's first index pairs with the output factor.
+    """
+    half = torch.einsum("i j ..., j q -> i q ...", core, in_factor)
+    return torch.einsum("i q ..., i p -> p q ...", half, out_factor)
+
+
+def loha_product(
+    w1_a: Tensor,
+    w1_b: Tensor,
+    w2_a: Tensor,
+    w2_b: Tensor,
+    t1: Tensor | None = None,
+    t2: Tensor | None = None,
+) -> Tensor:
+    """LoHa: ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, or the Hadamard product of two Tucker rebuilds.
+
+    Without Tucker the result is 2-D ``(O, I·k…)``; with Tucker it is ``(O, I, *kernel)``.
+    """
+    if t1 is None:
+        branch = w1_a @ flatten_factor(w1_b)
+        branch.mul_(w2_a @ flatten_factor(w2_b))
+        return branch
+    branch = rebuild_tucker(t1, w1_a, w1_b)
+    branch.mul_(rebuild_tucker(t2, w2_a, w2_b))
+    return branch
+
+
+def kron(w1: Tensor, w2: Tensor) -> Tensor:
+    """Kronecker product with w1 as the outer (block) factor.
+
+    w1 gets *trailing* singleton axes up to w2's rank first: ``torch.kron`` would pad the
+    smaller operand with leading ones and give ``(b, d, a·kh, c·kw)`` for a 4-D w2 (TV-KRON-PAD).
+    """
+    while w1.dim() < w2.dim():
+        w1 = w1.unsqueeze(-1)
+    return torch.kron(w1.contiguous(), w2.contiguous())
+
+
+def lokr_w1(w1: Tensor | None, w1_a: Tensor | None, w1_b: Tensor | None) -> Tensor:
+    """The small LoKr factor ``(a, c)``: stored full, or ``w1_a @ w1_b``."""
+    if w1 is not None:
+        return w1
+    return w1_a @ flatten_factor(w1_b)
+
+
+def lokr_w2(
+    w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, t2: Tensor | None
+) -> Tensor:
+    """The large LoKr factor: full ``(b, d[, *k])``, Tucker ``(b, d, *k)`` or flat ``(b, d·k…)``."""
+    if w2 is not None:
+        return w2
+    if t2 is not None:
+        return rebuild_tucker(t2, w2_a, w2_b)
+    return w2_a @ flatten_factor(w2_b)
+
+
+def lora_product(up: Tensor, down: Tensor, mid: Tensor | None = None) -> Tensor:
+    """LoRA/LoCon: ``up @ down`` (2-D, ``(O, I·k…)``), or the Tucker rebuild with ``lora_mid``."""
+    up2 = flatten_factor(up)
+    if mid is None:
+        return up2 @ flatten_factor(down)
+    return rebuild_tucker(mid, up2.t(), flatten_factor(down))
+
+
+def dora_axis(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...], prefer_output: bool) -> str:
+    """Which axis a ``dora_scale`` of this shape normalises: ``"out"`` or ``"in"`` (spec §5.4).
+
+    ``(O, 1, …)`` and 1-D ``[O]`` mean the output axis, ``(1, I, …)`` the input axis. When both
+    readings fit (O == 1 or I == 1) ``prefer_output`` decides. Returns ``""`` if neither fits.
+    """
+    out_dim = weight_shape[0]
+    in_dim = weight_shape[1] if len(weight_shape) > 1 else 1
+    dims = [d for d in scale_shape]
+    if len(dims) == 1:
+        return "out" if dims[0] == out_dim else ""
+    rest_one = all(d == 1 for d in dims[2:])
+    fits_out = rest_one and dims[0] == out_dim and dims[1] == 1
+    fits_in = rest_one and dims[0] == 1 and dims[1] == in_dim
+    if fits_out and fits_in:
+        return "out" if prefer_output else "in"
+    if fits_out:
+        return "out"
+    if fits_in:
+        return "in"
+    return ""
+
+
+def apply_dora(merged: Tensor, magnitude: Tensor, axis: str) -> Tensor:
+    """DoRA: rescale ``merged = W0 + s·R`` so its norm along ``axis`` equals ``magnitude``.
+
+    ``W' = merged · m / (‖merged‖ + eps)``, eps = float32 machine epsilon as LyCORIS and ComfyUI use.
+    Works in place on ``merged`` and returns it.
+    """
+    eps = torch.finfo(torch.float32).eps
+    out_dim = merged.shape[0]
+    trailing = [1] * (merged.dim() - 1)
+    if axis == "out":
+        norm = merged.reshape(out_dim, -1).norm(dim=1).reshape(out_dim, *trailing)
+        m = magnitude.reshape(out_dim, *trailing)
+    else:
+        in_dim = merged.shape[1]
+        norm = merged.transpose(0, 1).reshape(in_dim, -1).norm(dim=1)
+        norm = norm.reshape(1, in_dim, *trailing[1:])
+        m = magnitude.reshape(1, in_dim, *trailing[1:])
+    norm.add_(eps)
+    return merged.mul_(m / norm)

@@ -1,0 +1,101 @@
+"""Match an adapter's modules to a model's layers and classify every module (design §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .adapter import KIND_NAMES, Adapter
+from .errors import BaseModelMismatchError, StrictLoadError
+from .metadata import BASE_MODEL_NAMES
+from .modules import AdapterModule
+from .names import LayerTarget, ModelLayout, guess_block
+from .report import LoadReport, ModuleOutcome
+
+
+@dataclass(eq=False)
+class Match:
+    """A module of the file and the layer it patches."""
+
+    module: AdapterModule
+    target: LayerTarget
+
+    @property
+    def block(self) -> str:
+        return self.target.block
+
+
+def resolve(adapter: Adapter, layout: ModelLayout, *, strict: bool = False) -> tuple[list[Match], LoadReport]:
+    """Classify each module as applied / unmatched / mismatched / unsupported.
+
+    Raises ``BaseModelMismatchError`` when the file is for another base model (most modules do not
+    fit), and ``StrictLoadError`` under ``strict=True`` when anything would not apply; both before
+    any weight is touched.
+    """
+    report = LoadReport(
+        adapter=adapter.name,
+        source=adapter.source,
+        base_model=adapter.base_model,
+        model_family=layout.family,
+        blocks=list(layout.blocks),
+        warnings=list(adapter.warnings),
+    )
+    matches: list[Match] = []
+    for name, module in adapter.modules.items():
+        target = layout.resolve(name)
+        if target is None:
+            report.outcomes.append(
+                ModuleOutcome(name, "unmatched", guess_block(name), module.kind,
+                              reason="no layer of this model has this name")
+            )
+            continue
+        problem = module.check_target(target.weight_shape)
+        if problem:
+            report.outcomes.append(
+                ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem)
+            )
+            continue
+        matches.append(Match(module, target))
+        report.outcomes.append(ModuleOutcome(name, "applied", target.block, module.kind, target.key))
+    for name, reason in adapter.skipped.items():
+        report.outcomes.append(ModuleOutcome(name, "unsupported", guess_block(name), None, reason=reason))
+
+    _refuse_other_base_model(adapter, layout, report)
+    if strict and report.not_applied:
+        raise StrictLoadError(
+            f"{adapter.source}: strict load refused, {len(report.not_applied)} of "
+            f"{len(report.outcomes)} modules would not apply; nothing was patched.\n"
+            + "\n".join(f"  {o.module} [{o.status}] {o.reason}" for o in report.not_applied[:20])
+        )
+    return matches, report
+
+
+def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: LoadReport) -> None:
+    """An adapter for another base model mostly fails to fit: say so in those words."""
+    counts = report.counts()
+    considered = counts["applied"] + counts["unmatched"] + counts["mismatched"]
+    if considered == 0 or counts["applied"] * 2 > considered:
+        return
+    known = adapter.base_model != "unknown" and layout.family != "unknown"
+    if known and adapter.base_model != layout.family:
+        evidence = adapter.base_model_evidence
+        raise BaseModelMismatchError(
+            f"{adapter.source}: this is {_article(BASE_MODEL_NAMES[adapter.base_model])} adapter "
+            f"({evidence}); the model is {BASE_MODEL_NAMES[layout.family]}. Only "
+            f"{counts['applied']} of {considered} modules fit. Use a matching base model; nothing "
+            "was patched"
+        )
+    if counts["applied"] == 0 and counts["mismatched"]:
+        example = report.of("mismatched")[0]
+        raise BaseModelMismatchError(
+            f"{adapter.source}: none of the {considered} modules fits this "
+            f"{BASE_MODEL_NAMES[layout.family]} model (e.g. {example.module}: {example.reason}). "
+            "The adapter was probably trained for another base model; nothing was patched"
+        )
+
+
+def _article(name: str) -> str:
+    return ("an " if name[:1] in "AEFHILMNORSX" else "a ") + name
+
+
+def kinds_text(kinds: set[str]) -> str:
+    return ", ".join(KIND_NAMES[k] for k in sorted(kinds))
