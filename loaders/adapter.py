@@ -156,14 +156,17 @@ def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
         head = handle.read(16)
     if size == 0:
         raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise AdapterFormatError(
-            f"{path}: this is a pickled PyTorch checkpoint (.pt/.ckpt), not safetensors. "
-            "Pickles can run arbitrary code, so lohakr does not open them; convert the file to "
-            ".safetensors with a tool you trust"
-        )
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
-    if len(head) < 9 or header_len <= 0 or header_len > min(size - 8, _SAFETENSORS_MAX_HEADER) or head[8:9] != b"{":
+    looks_like_safetensors = (
+        len(head) >= 9 and 0 < header_len <= min(size - 8, _SAFETENSORS_MAX_HEADER) and head[8:9] == b"{"
+    )
+    if not looks_like_safetensors:
+        if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+            raise AdapterFormatError(
+                f"{path}: this is a pickled PyTorch checkpoint (.pt/.ckpt), not safetensors. "
+                "Pickles can run arbitrary code, so lohakr does not open them; convert the file to "
+                ".safetensors with a tool you trust"
+            )
         raise AdapterFormatError(
             f"{path}: not a safetensors file (its header is missing or truncated). "
             "Check that the download finished; lohakr reads .safetensors adapters only"

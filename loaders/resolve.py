@@ -24,11 +24,13 @@ class Match:
         return self.target.block
 
 
-def resolve(adapter: Adapter, layout: ModelLayout, *, strict: bool = False) -> tuple[list[Match], LoadReport]:
+def resolve(
+    adapter: Adapter, layout: ModelLayout, *, strict: bool = False, check_base_model: bool = True
+) -> tuple[list[Match], LoadReport]:
     """Classify each module as applied / unmatched / mismatched / unsupported.
 
     Raises ``BaseModelMismatchError`` when the file is for another base model (most modules do not
-    fit), and ``StrictLoadError`` under ``strict=True`` when anything would not apply; both before
+    fit; ``check_base_model=False`` only reports), and ``StrictLoadError`` under ``strict=True`` when anything would not apply; both before
     any weight is touched.
     """
     report = LoadReport(
@@ -59,7 +61,8 @@ def resolve(adapter: Adapter, layout: ModelLayout, *, strict: bool = False) -> t
     for name, reason in adapter.skipped.items():
         report.outcomes.append(ModuleOutcome(name, "unsupported", guess_block(name), None, reason=reason))
 
-    _refuse_other_base_model(adapter, layout, report)
+    if check_base_model:
+        _refuse_other_base_model(adapter, layout, report)
     if strict and report.not_applied:
         raise StrictLoadError(
             f"{adapter.source}: strict load refused, {len(report.not_applied)} of "

@@ -1,0 +1,30 @@
+"""Shared fixtures: real LyCORIS-made adapter files on the tiny models, built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lycoris_oracle import Fixture, make_fixture  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def lycoris_file(tmp_path_factory):
+    """``lycoris_file(family, variant, dtype="fp32", naming="diffusers") -> Fixture``, cached."""
+    cache: dict[tuple, Fixture] = {}
+    workdir = tmp_path_factory.mktemp("lycoris")
+
+    def get(family: str, variant: str, dtype: str = "fp32", naming: str = "diffusers",
+            metadata: dict | None = None) -> Fixture:
+        key = (family, variant, dtype, naming, tuple(sorted((metadata or {}).items())))
+        if key not in cache:
+            sub = workdir / f"f{len(cache)}"
+            sub.mkdir()
+            cache[key] = make_fixture(family, variant, dtype, sub, naming=naming, metadata=metadata)
+        return cache[key]
+
+    return get
