@@ -218,3 +218,15 @@ def _vector(values: list[float], blocks: list[str], family: str, text: str) -> B
                 listed.add(block)
     omitted = frozenset(b for b in weights if b not in listed)
     return BlockWeights(weights=weights, spec=text, omitted=omitted)
+
+
+def zeroed_by_omission(weights: BlockWeights, touched_blocks: Iterable[str]) -> str | None:
+    """A warning naming the blocks this file touches that a short vector silently zeroes."""
+    hit = sorted(set(touched_blocks) & weights.omitted, key=lambda b: (b[:2], b))
+    if not hit:
+        return None
+    return (
+        f"the block-weight vector does not list {', '.join(hit)}, which this file patches; as in "
+        "A1111 they get weight 0. Use the 20-value (SDXL) or 26-value (SD1.5) form, or named "
+        "values such as 'IN04=0.5', to keep them"
+    )

@@ -10,7 +10,8 @@ from .adapter import KIND_NAMES, Adapter
 from .errors import LohakrError
 from .modules import LokrModule
 from .names import ModelLayout
-from .resolve import resolve
+from .metadata import BASE_MODEL_NAMES
+from .resolve import article, resolve
 
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
                  "ss_sd_model_name", "ss_num_train_images", "ss_num_epochs", "ss_learning_rate",
@@ -20,7 +21,15 @@ TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_
 def _distribution(values: list) -> dict[str, int]:
     counts = Counter(values)
     return {("none" if k is None else f"{k:g}" if isinstance(k, float) else str(k)): n
-            for k, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, str(kv[0])))}
+            for k, n in sorted(counts.items(), key=lambda kv: _order(kv[0]))}
+
+
+def _order(value: Any) -> tuple:
+    if value is None:
+        return (2, 0.0, "")
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
 
 
 def describe_adapter(adapter: Adapter, *, top_tags: int = 10) -> dict[str, Any]:
@@ -67,7 +76,9 @@ def describe_coverage(adapter: Adapter, layout: ModelLayout) -> dict[str, Any]:
         return {"error": str(err)}
     data = report.to_dict()
     if adapter.base_model not in ("unknown", layout.family) and layout.family != "unknown":
-        data["warnings"].insert(0, f"this is a {adapter.base_model_name} adapter; the layout is {layout.family}")
+        data["warnings"].insert(
+            0, f"this is {article(adapter.base_model_name)} adapter; the layout is {BASE_MODEL_NAMES[layout.family]}"
+        )
     return data
 
 

@@ -25,8 +25,25 @@ def rebuild_tucker(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tenso
     ``core`` is ``(r1, r2, *kernel)``, ``out_factor`` ``(r1, P)``, ``in_factor`` ``(r2, Q)``;
     the result is ``(P, Q, *kernel)``. The core's first index pairs with the output factor.
     """
-    half = torch.einsum("i j ..., j q -> i q ...", core, in_factor)
+    return _tucker_outer(_tucker_inner(core, in_factor), out_factor)
+
+
+def _tucker_inner(core: Tensor, in_factor: Tensor) -> Tensor:
+    return torch.einsum("i j ..., j q -> i q ...", core, in_factor)
+
+
+def _tucker_outer(half: Tensor, out_factor: Tensor) -> Tensor:
     return torch.einsum("i q ..., i p -> p q ...", half, out_factor)
+
+
+# Rows of ΔW built per step: the Hadamard product needs each branch only one chunk at a time,
+# so building a layer's ΔW holds that ΔW plus two chunks, not three full-size products.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(rows: int, row_size: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, row_size))
+    return [slice(p, min(p + step, rows)) for p in range(0, rows, step)]
 
 
 def loha_product(
@@ -39,15 +56,24 @@ def loha_product(
 ) -> Tensor:
     """LoHa: ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, or the Hadamard product of two Tucker rebuilds.
 
-    Without Tucker the result is 2-D ``(O, I·k…)``; with Tucker it is ``(O, I, *kernel)``.
+    Without Tucker ``_a`` is ``(O, r)`` and the result is 2-D ``(O, I·k…)``; with Tucker ``_a``
+    is ``(r, O)``, ``_b`` ``(r, I)`` and the result is ``(O, I, *kernel)``. Built in row chunks.
     """
     if t1 is None:
-        branch = w1_a @ flatten_factor(w1_b)
-        branch.mul_(w2_a @ flatten_factor(w2_b))
-        return branch
-    branch = rebuild_tucker(t1, w1_a, w1_b)
-    branch.mul_(rebuild_tucker(t2, w2_a, w2_b))
-    return branch
+        b1, b2 = flatten_factor(w1_b), flatten_factor(w2_b)
+        out = torch.empty(w1_a.shape[0], b1.shape[1], dtype=b1.dtype, device=b1.device)
+        for rows in _row_chunks(out.shape[0], out.shape[1]):
+            chunk = out[rows]
+            torch.mm(w1_a[rows], b1, out=chunk)
+            chunk.mul_(w2_a[rows] @ b2)
+        return out
+    half1, half2 = _tucker_inner(t1, w1_b), _tucker_inner(t2, w2_b)
+    out = torch.empty(w1_a.shape[1], *half1.shape[1:], dtype=half1.dtype, device=half1.device)
+    for rows in _row_chunks(out.shape[0], out[0].numel()):
+        chunk = out[rows]
+        chunk.copy_(_tucker_outer(half1, w1_a[:, rows]))
+        chunk.mul_(_tucker_outer(half2, w2_a[:, rows]))
+    return out
 
 
 def kron(w1: Tensor, w2: Tensor) -> Tensor:

@@ -82,7 +82,7 @@ def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: Load
     if known and adapter.base_model != layout.family:
         evidence = adapter.base_model_evidence
         raise BaseModelMismatchError(
-            f"{adapter.source}: this is {_article(BASE_MODEL_NAMES[adapter.base_model])} adapter "
+            f"{adapter.source}: this is {article(BASE_MODEL_NAMES[adapter.base_model])} adapter "
             f"({evidence}); the model is {BASE_MODEL_NAMES[layout.family]}. Only "
             f"{counts['applied']} of {considered} modules fit. Use a matching base model; nothing "
             "was patched"
@@ -96,7 +96,7 @@ def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: Load
         )
 
 
-def _article(name: str) -> str:
+def article(name: str) -> str:
     return ("an " if name[:1] in "AEFHILMNORSX" else "a ") + name
 
 
