@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lycoris_oracle import Fixture, make_fixture  # noqa: E402
+
+import lycoris.logging  # noqa: E402,F401  (creates LyCORIS' logger, which prints INFO by default)
+
+logging.getLogger("LyCORIS").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")

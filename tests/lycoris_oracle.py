@@ -136,6 +136,7 @@ class Fixture:
     path: Path
     models: TinyModels  # the models the reference was taken on (weights untouched)
     expected: dict[str, Reference]  # module name in the file -> reference
+    network: object = None  # the LyCORIS network applied to ``models`` (set_multiplier to change μ)
 
 
 def make_fixture(family: str, variant: str, dtype: str, workdir: Path, *, naming: str = "diffusers",
@@ -160,7 +161,7 @@ def make_fixture(family: str, variant: str, dtype: str, workdir: Path, *, naming
     assert not missing, missing
     expected = reference(net)
     if naming == "diffusers":
-        return Fixture(family, variant, dtype, raw, models, expected)
+        return Fixture(family, variant, dtype, raw, models, expected, net)
     renames = {name: kohya_name(name, family) for name in expected}
     from safetensors import safe_open
 
@@ -174,7 +175,7 @@ def make_fixture(family: str, variant: str, dtype: str, workdir: Path, *, naming
     path = workdir / f"{family}_{variant}_{dtype}_kohya.safetensors"
     save_file(renamed, str(path), header)
     return Fixture(family, variant, dtype, path, models,
-                   {renames[k]: v for k, v in expected.items()})
+                   {renames[k]: v for k, v in expected.items()}, net)
 
 
 def kohya_name(name: str, family: str) -> str:

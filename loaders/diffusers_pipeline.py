@@ -1,0 +1,214 @@
+"""diffusers: ``pipe.load_loha()`` / ``load_lokr()`` / ``load_lycoris()`` on any SD1.x/SDXL pipeline.
+
+``lohakr.enable(pipe)`` binds the methods of ``LycorisLoaderMixin`` to an existing pipeline
+instance (no subclassing; the pipeline's class and config are untouched). The work is done by
+the shared loader (parse → resolve → ``WeightPatcher``); this module only finds the components,
+turns the user's strength arguments into per-component multipliers, and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from typing import Any, Callable, Iterable, Mapping
+
+from .adapter import KIND_NAMES, Adapter, load_adapter
+from .blocks import BlockWeights, parse_block_weights, zeroed_by_omission
+from .errors import LohakrError
+from .names import ModelLayout
+from .patcher import PatchedAdapter, WeightPatcher
+from .report import LoadReport
+from .resolve import resolve
+
+logger = logging.getLogger("lohakr")
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+Strength = float | Mapping[str, float]
+
+
+class LycorisLoaderMixin:
+    """LoHa/LoKr/LyCORIS loading for diffusers pipelines (``unet``, ``text_encoder[_2]``)."""
+
+    # -- loading --------------------------------------------------------------------------------
+    def load_lycoris(
+        self,
+        path_or_dict: str | os.PathLike | Mapping[str, Any] | Adapter,
+        adapter_name: str | None = None,
+        *,
+        strength: Strength = 1.0,
+        text_encoder_strength: float | None = None,
+        block_weights: str | Mapping[str, float] | BlockWeights | None = None,
+        strict: bool = False,
+    ) -> LoadReport:
+        """Load a LyCORIS adapter (LoHa, LoKr, or a mix with LoRA/full modules) and patch the
+        pipeline's weights. Returns the report; nothing is changed if it raises.
+
+        ``strength`` is a number, or a dict per component (``{"unet": 0.8, "text_encoder": 0.5,
+        "text_encoder_2": 0.0}``; components not named get 1). ``text_encoder_strength`` overrides
+        the text encoders. ``block_weights``: an A1111 vector, a preset or ``"IN04=0.5, OUT=0"``.
+        ``strict=True`` raises if any module of the file would not be applied.
+        """
+        return _load(self, path_or_dict, adapter_name, None, strength, text_encoder_strength, block_weights, strict)
+
+    def load_loha(self, path_or_dict, adapter_name=None, *, strength: Strength = 1.0,
+                  text_encoder_strength: float | None = None, block_weights=None, strict: bool = False) -> LoadReport:
+        """``load_lycoris`` for a LoHa file; refuses a file with no LoHa module."""
+        return _load(self, path_or_dict, adapter_name, "loha", strength, text_encoder_strength, block_weights, strict)
+
+    def load_lokr(self, path_or_dict, adapter_name=None, *, strength: Strength = 1.0,
+                  text_encoder_strength: float | None = None, block_weights=None, strict: bool = False) -> LoadReport:
+        """``load_lycoris`` for a LoKr file; refuses a file with no LoKr module."""
+        return _load(self, path_or_dict, adapter_name, "lokr", strength, text_encoder_strength, block_weights, strict)
+
+    # -- changing and removing ------------------------------------------------------------------
+    def set_lycoris_strength(
+        self,
+        adapter_name: str,
+        strength: Strength | None = None,
+        *,
+        text_encoder_strength: float | None = None,
+        block_weights: str | Mapping[str, float] | BlockWeights | None = None,
+    ) -> None:
+        """Change an adapter's strengths or block weights, recomputing from the kept factors and
+        originals (the file is not read again). Arguments left ``None`` keep their value."""
+        patcher = _patcher(self)
+        adapter = _get(patcher, adapter_name)
+        if strength is not None or text_encoder_strength is not None:
+            base = strength if strength is not None else adapter.component_strength
+            adapter.component_strength = component_strengths(base, text_encoder_strength)
+        if block_weights is not None:
+            layout_blocks = adapter.report.blocks
+            adapter.block_weights = parse_block_weights(block_weights, layout_blocks, adapter.report.model_family)
+        adapter.report.strength = dict(adapter.component_strength)
+        adapter.report.block_weights = adapter.block_weights.spec
+        patcher.update(adapter_name, _progress(self, f"lohakr: {adapter_name}", len(adapter.matches)))
+
+    def unload_lycoris(self, adapter_name: str | None = None) -> None:
+        """Remove one adapter (or all): every weight it touched is recomputed without it, and a
+        weight no adapter touches any more gets its original back, bit for bit."""
+        patcher = _patcher(self)
+        names = [adapter_name] if adapter_name is not None else list(patcher.adapters)
+        for name in names:
+            adapter = _get(patcher, name)
+            patcher.remove(name, _progress(self, f"lohakr: unload {name}", len(adapter.matches)))
+            logger.info("lohakr: unloaded %s", name)
+
+    def lycoris_adapters(self) -> list[dict[str, Any]]:
+        """The loaded adapters: name, source, strengths, block weights and load report."""
+        return [
+            {
+                "name": a.name,
+                "source": a.report.source,
+                "strength": dict(a.component_strength),
+                "block_weights": a.block_weights.spec,
+                "applied": len(a.matches),
+                "report": a.report,
+            }
+            for a in _patcher(self)
+        ]
+
+
+def enable(pipe: Any) -> Any:
+    """Give an existing pipeline instance the ``LycorisLoaderMixin`` methods; returns it."""
+    for name in ("load_lycoris", "load_loha", "load_lokr", "set_lycoris_strength", "unload_lycoris",
+                 "lycoris_adapters"):
+        setattr(pipe, name, types.MethodType(getattr(LycorisLoaderMixin, name), pipe))
+    return pipe
+
+
+def component_strengths(strength: Strength, text_encoder_strength: float | None) -> dict[str, float]:
+    """Per-component multipliers from the user's ``strength`` / ``text_encoder_strength``."""
+    if isinstance(strength, Mapping):
+        unknown = set(strength) - set(COMPONENTS)
+        if unknown:
+            raise LohakrError(
+                f"unknown component(s) {', '.join(sorted(unknown))} in strength; use {', '.join(COMPONENTS)}"
+            )
+        result = {c: float(strength.get(c, 1.0)) for c in COMPONENTS}
+    else:
+        result = {c: float(strength) for c in COMPONENTS}
+    if text_encoder_strength is not None:
+        result["text_encoder"] = result["text_encoder_2"] = float(text_encoder_strength)
+    return result
+
+
+def pipeline_layout(pipe: Any) -> ModelLayout:
+    """The layout of the pipeline's UNet and CLIP text encoders, from the live modules."""
+    parts = {c: getattr(pipe, c, None) for c in COMPONENTS}
+    if parts["unet"] is None and parts["text_encoder"] is None:
+        raise LohakrError("this pipeline has no unet or text_encoder to patch")
+    return ModelLayout.from_diffusers(**parts)
+
+
+# -- internals ------------------------------------------------------------------------------------
+def _patcher(pipe: Any) -> WeightPatcher:
+    patcher = pipe.__dict__.get("_lohakr_patcher")
+    if patcher is None:
+        patcher = WeightPatcher()
+        pipe.__dict__["_lohakr_patcher"] = patcher
+    return patcher
+
+
+def _get(patcher: WeightPatcher, name: str) -> PatchedAdapter:
+    if name not in patcher.adapters:
+        loaded = ", ".join(patcher.adapters) or "none"
+        raise LohakrError(f"no LyCORIS adapter named {name!r} is loaded (loaded: {loaded})")
+    return patcher.adapters[name]
+
+
+def _load(pipe, path_or_dict, adapter_name, required_kind, strength, text_encoder_strength, block_weights,
+          strict) -> LoadReport:
+    patcher = _patcher(pipe)
+    adapter = path_or_dict if isinstance(path_or_dict, Adapter) else load_adapter(path_or_dict)
+    if required_kind and required_kind not in adapter.kinds:
+        have = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in sorted(adapter.algorithm_counts.items())) or "no modules"
+        other = "load_lokr" if required_kind == "loha" else "load_loha"
+        hint = other if ({"loha", "lokr"} - {required_kind}) & adapter.kinds else "load_lycoris"
+        raise LohakrError(
+            f"{adapter.source}: has no {KIND_NAMES[required_kind]} module ({have}); use pipe.{hint}(...)"
+        )
+    name = adapter_name or adapter.name
+    if name in patcher.adapters:
+        raise LohakrError(
+            f"an adapter named {name!r} is already loaded; pass adapter_name=... or unload_lycoris({name!r}) first"
+        )
+    layout = pipeline_layout(pipe)
+    matches, report = resolve(adapter, layout, strict=strict)
+    report.adapter = name
+    weights = parse_block_weights(block_weights, layout.blocks, layout.family)
+    warning = zeroed_by_omission(weights, {m.block for m in matches})
+    if warning:
+        report.warnings.append(warning)
+    entry = PatchedAdapter(name, matches, report, component_strengths(strength, text_encoder_strength), weights)
+    report.strength = dict(entry.component_strength)
+    report.block_weights = weights.spec
+    patcher.add(entry, _progress(pipe, f"lohakr: {name}", len(matches)))
+    logger.info("lohakr: %s", report.summary())
+    if report.not_applied:
+        logger.warning("lohakr: %s: %d module(s) not applied:\n%s", name, len(report.not_applied),
+                       "\n".join(f"  {o.module} [{o.status}] {o.reason}" for o in report.not_applied[:20]))
+    for text in report.warnings:
+        logger.warning("lohakr: %s", text)
+    return report
+
+
+def _progress(pipe: Any, description: str, total: int) -> Callable[[Iterable], Iterable] | None:
+    """A tqdm bar in diffusers' style, off when diffusers' progress bars or logging are turned down."""
+    if total < 2:
+        return None
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    config = getattr(pipe, "_progress_bar_config", None) or {}
+    disabled = (
+        config.get("disable", False)
+        or not diffusers_logging.is_progress_bar_enabled()
+        or diffusers_logging.get_verbosity() > logging.WARNING
+        or logger.getEffectiveLevel() > logging.WARNING
+    )
+    if disabled:
+        return None
+    return lambda items: tqdm(items, total=total, desc=description, leave=False)
