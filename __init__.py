@@ -1,10 +1,16 @@
 """lohakr: exact LoHa/LoKr (LyCORIS) adapters for SDXL and SD1.5, in diffusers and ComfyUI.
 
-Importing this package does no work and imports neither comfy nor diffusers.
+As a Python package: ``lohakr.load_adapter``, ``lohakr.enable(pipe)`` and the rest of ``loaders``.
+As a ComfyUI custom node pack (this folder in ``custom_nodes/``): the nodes of ``nodes/`` and the
+frontend in ``web/``. Importing does no work and imports neither comfy nor diffusers.
 """
 
 from .loaders import *  # noqa: F401,F403
 from .loaders import __all__ as _loader_api
+from .nodes import registration as _registration
 
 __version__ = "0.1.0"
-__all__ = [*_loader_api, "__version__"]
+WEB_DIRECTORY = "./web"
+
+globals().update(_registration())
+__all__ = [*_loader_api, "__version__", "WEB_DIRECTORY"]

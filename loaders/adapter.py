@@ -333,3 +333,34 @@ def _cross_attention_widths(modules: Iterable[AdapterModule]) -> Iterable[tuple[
     for module in modules:
         if "attn2" in module.name and module.name.rstrip("_").endswith(("to_k", "to_v")):
             yield module.name, module.in_features
+
+
+class AdapterCache:
+    """Parsed files keyed by (path, size, mtime): re-running a graph does not re-read a file."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries: dict[str, tuple[tuple[int, int], Adapter]] = {}
+
+    def load(self, path: str | os.PathLike) -> Adapter:
+        path = os.fspath(path)
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise AdapterFormatError(f"{path}: cannot read the file ({err.strerror or err})") from err
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        hit = self._entries.pop(path, None)
+        if hit is not None and hit[0] == stamp:
+            self._entries[path] = hit
+            return hit[1]
+        adapter = load_adapter(path)
+        self._entries[path] = (stamp, adapter)
+        while len(self._entries) > self.capacity:
+            self._entries.pop(next(iter(self._entries)))
+        return adapter
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+adapter_cache = AdapterCache()

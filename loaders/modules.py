@@ -148,6 +148,11 @@ class AdapterModule:
             product.mul_(scale)
         return product
 
+    @property
+    def has_bias_delta(self) -> bool:
+        """True when the module also updates the layer's bias (full ``diff_b``)."""
+        return False
+
     def bias_delta(self, device: torch.device | str | None = None) -> Tensor | None:
         """The bias update, for modules that carry one (full ``diff_b``); else ``None``."""
         return None
@@ -459,6 +464,10 @@ class FullModule(AdapterModule):
     def product(self, device=None) -> Tensor:
         diff = self.factors["diff"]
         return diff.to(device=device, dtype=torch.float32, copy=True)
+
+    @property
+    def has_bias_delta(self) -> bool:
+        return "diff_b" in self.factors
 
     def bias_delta(self, device=None) -> Tensor | None:
         bias = self.factors.get("diff_b")

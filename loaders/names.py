@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from torch import nn
 
@@ -32,6 +32,7 @@ TOP_LEVEL_TO_SGM = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
+SGM_TO_RESNET = {v: k for k, v in RESNET_TO_SGM.items()}
 PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TEXT_ENCODER_PREFIXES = {
     ("sd", "text_encoder"): ("lora_te_", "lora_te1_"),
@@ -50,6 +51,7 @@ class LayerTarget:
     block: str
     layer: nn.Module | None = None
     sgm_path: str | None = None
+    host_key: str | None = None  # the host's own key for this weight (ComfyUI state-dict key)
 
     @property
     def key(self) -> str:
@@ -99,6 +101,7 @@ class ModelLayout:
             for path, layer in patchable_layers(model):
                 target = LayerTarget(component, path, tuple(layer.weight.shape), block, layer)
                 layout.register(target, _text_encoder_names(component, path, prefixes))
+        sgm = None
         if unet is not None:
             layout.components["unet"] = unet
             sgm = SgmNames(unet)
@@ -108,7 +111,36 @@ class ModelLayout:
                     "unet", path, tuple(layer.weight.shape), block_of_sgm(sgm_path), layer, sgm_path
                 )
                 layout.register(target, _unet_names(path, sgm_path))
-        layout.blocks = _ordered_blocks({t.block for t in layout.targets.values()}, layout)
+        layout.blocks = _ordered_blocks({t.block for t in layout.targets.values()}, sgm)
+        return layout
+
+    @classmethod
+    def from_sgm(
+        cls,
+        family: str,
+        unet: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+        text_encoders: Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]] | None = None,
+    ) -> "ModelLayout":
+        """Build a layout from weight shapes keyed by SGM UNet paths and HF CLIP paths, as hosts
+        with an LDM-style UNet (ComfyUI) have them: ``{path: (weight shape, host key)}``.
+        ``text_encoders`` maps ``text_encoder`` / ``text_encoder_2`` to their layers."""
+        layout = cls(family=family, targets={})
+        text_encoders = text_encoders or {}
+        te_style = "sdxl" if "text_encoder_2" in text_encoders or family == "sdxl" else "sd"
+        for component, layers in text_encoders.items():
+            block = "TE" if te_style == "sd" else ("TE1" if component == "text_encoder" else "TE2")
+            prefixes = TEXT_ENCODER_PREFIXES[(te_style, component)]
+            for path, (shape, host_key) in layers.items():
+                target = LayerTarget(component, path, tuple(shape), block, host_key=host_key)
+                layout.register(target, _text_encoder_names(component, path, prefixes))
+        sgm = None
+        if unet:
+            sgm = SgmNames(UnetStructure.from_sgm_paths(unet))
+            for sgm_path, (shape, host_key) in unet.items():
+                path = sgm.to_diffusers(sgm_path) or sgm_path
+                target = LayerTarget("unet", path, tuple(shape), block_of_sgm(sgm_path), None, sgm_path, host_key)
+                layout.register(target, _unet_names(path, sgm_path))
+        layout.blocks = _ordered_blocks({t.block for t in layout.targets.values()}, sgm)
         return layout
 
 
@@ -154,56 +186,130 @@ def _text_encoder_names(component: str, path: str, prefixes: tuple[str, ...]) ->
     return names
 
 
-class SgmNames:
-    """diffusers UNet paths → SGM/LDM paths (``input_blocks.N.i…``), from the UNet's own blocks.
+@dataclass
+class UnetStructure:
+    """How many resnets/attentions/samplers each UNet level has: all the SGM numbering needs."""
 
-    Counting resnets, attentions and samplers of the live model gives the index formulas of
+    down: list[tuple[int, int, bool]]  # per level: (resnets, attentions, has downsampler)
+    mid: tuple[int, int]  # (resnets, attentions)
+    up: list[tuple[int, int, bool]]  # per level: (resnets, attentions, has upsampler)
+
+    @classmethod
+    def from_diffusers(cls, unet: nn.Module) -> "UnetStructure":
+        def level(block: nn.Module, sampler: str) -> tuple[int, int, bool]:
+            return (len(block.resnets), len(getattr(block, "attentions", None) or []),
+                    bool(getattr(block, sampler, None)))
+
+        mid = getattr(unet, "mid_block", None)
+        return cls(
+            down=[level(b, "downsamplers") for b in getattr(unet, "down_blocks", [])],
+            mid=(len(mid.resnets), len(getattr(mid, "attentions", None) or [])) if mid is not None else (0, 0),
+            up=[level(b, "upsamplers") for b in getattr(unet, "up_blocks", [])],
+        )
+
+    @classmethod
+    def from_sgm_paths(cls, paths: Iterable[str]) -> "UnetStructure":
+        """Read the structure off SGM module paths (``input_blocks.4.1.proj_in``…), as ComfyUI has them."""
+        slots: dict[tuple[str, int], dict[str, set[str]]] = {}
+        middle: set[int] = set()
+        for path in paths:
+            parts = path.split(".")
+            if parts[0] in ("input_blocks", "output_blocks") and len(parts) >= 4 and parts[1].isdigit():
+                slots.setdefault((parts[0], int(parts[1])), {}).setdefault(parts[2], set()).add(parts[3])
+            elif parts[0] == "middle_block" and len(parts) >= 2 and parts[1].isdigit():
+                middle.add(int(parts[1]))
+
+        def is_sampler(children: set[str]) -> bool:
+            return children <= {"op", "conv"}
+
+        down: list[tuple[int, int, bool]] = []
+        resnets = attentions = 0
+        for (side, n), content in sorted(slots.items()):
+            if side != "input_blocks" or n == 0:
+                continue
+            if is_sampler(content.get("0", set())):
+                down.append((resnets, attentions, True))
+                resnets = attentions = 0
+            else:
+                resnets += 1
+                attentions += "1" in content
+        if resnets:
+            down.append((resnets, attentions, False))
+        up: list[tuple[int, int, bool]] = []
+        resnets = attentions = 0
+        for (side, n), content in sorted(slots.items()):
+            if side != "output_blocks":
+                continue
+            resnets += 1
+            attention = "1" in content and not is_sampler(content["1"])
+            attentions += attention
+            if any(slot != "0" and is_sampler(children) for slot, children in content.items()):
+                up.append((resnets, attentions, True))
+                resnets = attentions = 0
+        if resnets:
+            up.append((resnets, attentions, False))
+        return cls(down=down, mid=((len(middle) + 1) // 2, len(middle) // 2), up=up)
+
+
+class SgmNames:
+    """diffusers UNet paths ↔ SGM/LDM paths (``input_blocks.N.i…``), from the UNet's structure.
+
+    Counting resnets, attentions and samplers per level gives the index formulas of
     sdxl-names.md §1.4 for any depth (SD1.5, SDXL, the refiner)."""
 
-    def __init__(self, unet: nn.Module):
-        self.prefixes: dict[str, str] = {}
-        for diffusers_name, sgm_name in TOP_LEVEL_TO_SGM.items():
-            self.prefixes[diffusers_name] = sgm_name
+    def __init__(self, structure: "UnetStructure | nn.Module"):
+        if not isinstance(structure, UnetStructure):
+            structure = UnetStructure.from_diffusers(structure)
+        self.prefixes: dict[str, str] = dict(TOP_LEVEL_TO_SGM)
         n = 1
-        for i, block in enumerate(getattr(unet, "down_blocks", [])):
-            attentions = getattr(block, "attentions", None) or []
-            for j in range(len(block.resnets)):
+        for i, (resnets, attentions, sampler) in enumerate(structure.down):
+            for j in range(resnets):
                 self.prefixes[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{n}.0"
-                if j < len(attentions):
+                if j < attentions:
                     self.prefixes[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
                 n += 1
-            if getattr(block, "downsamplers", None):
+            if sampler:
                 self.prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
                 n += 1
-        mid = getattr(unet, "mid_block", None)
-        if mid is not None:
-            for j in range(len(mid.resnets)):
-                self.prefixes[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
-            for j in range(len(getattr(mid, "attentions", None) or [])):
-                self.prefixes[f"mid_block.attentions.{j}"] = f"middle_block.{2 * j + 1}"
+        resnets, attentions = structure.mid
+        for j in range(resnets):
+            self.prefixes[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
+        for j in range(attentions):
+            self.prefixes[f"mid_block.attentions.{j}"] = f"middle_block.{2 * j + 1}"
         n = 0
-        for i, block in enumerate(getattr(unet, "up_blocks", [])):
-            attentions = getattr(block, "attentions", None) or []
-            for j in range(len(block.resnets)):
+        for i, (resnets, attentions, sampler) in enumerate(structure.up):
+            for j in range(resnets):
                 self.prefixes[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{n}.0"
-                if j < len(attentions):
+                if j < attentions:
                     self.prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
                 n += 1
-            if getattr(block, "upsamplers", None):
+            if sampler:
                 slot = 2 if attentions else 1
                 self.prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{n - 1}.{slot}.conv"
+        self.inverse = {sgm: diffusers for diffusers, sgm in self.prefixes.items()}
 
     def to_sgm(self, path: str) -> str | None:
+        return self._convert(path, self.prefixes, RESNET_TO_SGM, ".resnets.")
+
+    def to_diffusers(self, sgm_path: str) -> str | None:
+        return self._convert(sgm_path, self.inverse, SGM_TO_RESNET, None)
+
+    @staticmethod
+    def _convert(path: str, prefixes: dict[str, str], inner: dict[str, str], marker: str | None) -> str | None:
         parts = path.split(".")
         for cut in range(len(parts), 0, -1):
             head = ".".join(parts[:cut])
-            sgm = self.prefixes.get(head)
-            if sgm is None:
+            mapped = prefixes.get(head)
+            if mapped is None:
                 continue
-            rest = parts[cut:]
-            if ".resnets." in f".{head}." and rest and rest[0] in RESNET_TO_SGM:
-                rest = RESNET_TO_SGM[rest[0]].split(".") + rest[1:]
-            return ".".join([sgm, *rest])
+            rest = ".".join(parts[cut:])
+            is_resnet = (f".{head}.".find(marker) >= 0) if marker else ".resnets." in f".{mapped}."
+            if is_resnet and rest:
+                for old, new in inner.items():
+                    if rest == old or rest.startswith(old + "."):
+                        rest = new + rest[len(old):]
+                        break
+            return f"{mapped}.{rest}" if rest else mapped
         return None
 
 
@@ -222,7 +328,7 @@ def block_of_sgm(sgm_path: str | None) -> str:
     return "OTHER"
 
 
-def _ordered_blocks(present: set[str], layout: ModelLayout) -> list[str]:
+def _ordered_blocks(present: set[str], sgm: "SgmNames | None") -> list[str]:
     def order(block: str) -> tuple[int, int]:
         if block.startswith("TE"):
             return (0, int(block[2:] or 0))
@@ -235,10 +341,8 @@ def _ordered_blocks(present: set[str], layout: ModelLayout) -> list[str]:
         return (4, 0)
 
     blocks = set(present)
-    unet = layout.components.get("unet")
-    if unet is not None:
+    if sgm is not None:
         # Every IN/OUT slot of the UNet exists as a block, even one this layout has no layer in.
-        sgm = SgmNames(unet)
         for sgm_path in sgm.prefixes.values():
             blocks.add(block_of_sgm(sgm_path + "."))
         blocks.add("OTHER")

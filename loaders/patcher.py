@@ -143,8 +143,8 @@ class WeightPatcher:
                 bias_work = None
                 for _, module, strength in contributions:
                     module.add_to(work, strength)
-                    bias_delta = module.bias_delta(device)
-                    if bias_delta is not None and kept.bias is not None and strength != 0:
+                    if module.has_bias_delta and kept.bias is not None and strength != 0:
+                        bias_delta = module.bias_delta(device)
                         if bias_work is None:
                             bias_work = kept.bias.to(device=device, dtype=torch.float32, copy=True)
                         bias_work.add_(bias_delta, alpha=strength)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .adapter import KIND_NAMES, Adapter
 from .errors import BaseModelMismatchError, StrictLoadError
@@ -25,13 +26,20 @@ class Match:
 
 
 def resolve(
-    adapter: Adapter, layout: ModelLayout, *, strict: bool = False, check_base_model: bool = True
+    adapter: Adapter,
+    layout: ModelLayout,
+    *,
+    strict: bool = False,
+    check_base_model: bool = True,
+    fallback: Callable[[str], LayerTarget | None] | None = None,
+    fallback_name: str = "host",
 ) -> tuple[list[Match], LoadReport]:
     """Classify each module as applied / unmatched / mismatched / unsupported.
 
     Raises ``BaseModelMismatchError`` when the file is for another base model (most modules do not
     fit; ``check_base_model=False`` only reports), and ``StrictLoadError`` under ``strict=True`` when anything would not apply; both before
-    any weight is touched.
+    any weight is touched. ``fallback`` resolves names the layout does not know (a host's own
+    key map); such outcomes carry ``resolver=fallback_name``.
     """
     report = LoadReport(
         adapter=adapter.name,
@@ -44,6 +52,10 @@ def resolve(
     matches: list[Match] = []
     for name, module in adapter.modules.items():
         target = layout.resolve(name)
+        resolver = "lohakr"
+        if target is None and fallback is not None:
+            target = fallback(name)
+            resolver = fallback_name
         if target is None:
             report.outcomes.append(
                 ModuleOutcome(name, "unmatched", guess_block(name), module.kind,
@@ -53,11 +65,12 @@ def resolve(
         problem = module.check_target(target.weight_shape)
         if problem:
             report.outcomes.append(
-                ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem)
+                ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem, resolver)
             )
             continue
         matches.append(Match(module, target))
-        report.outcomes.append(ModuleOutcome(name, "applied", target.block, module.kind, target.key))
+        report.outcomes.append(ModuleOutcome(name, "applied", target.block, module.kind, target.key,
+                                             resolver=resolver))
     for name, reason in adapter.skipped.items():
         report.outcomes.append(ModuleOutcome(name, "unsupported", guess_block(name), None, reason=reason))
 

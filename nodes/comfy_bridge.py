@@ -1,0 +1,227 @@
+"""The bridge between the shared loader and ComfyUI's ModelPatcher. Imports comfy lazily.
+
+A MODEL/CLIP pair becomes a ``ModelLayout`` (SGM UNet paths, HF CLIP paths, ComfyUI state-dict
+keys as host keys); names the shared resolver does not know fall back to ComfyUI's own key maps.
+Each applied module becomes one lazy patch, a ``WeightAdapterBase`` subclass whose
+``calculate_weight`` calls the module's own ``add_to``: ComfyUI's patcher decides when and on
+which device ΔW is built (full load, LowVRAM partial load, fp8 weights), and unpatches as for
+any LoRA. No math lives here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from ..loaders.adapter import Adapter, adapter_cache
+from ..loaders.blocks import BlockWeights, parse_block_weights, zeroed_by_omission
+from ..loaders.errors import LohakrError
+from ..loaders.modules import AdapterModule
+from ..loaders.names import LayerTarget, ModelLayout, guess_block
+from ..loaders.report import LoadReport
+from ..loaders.resolve import resolve
+
+logger = logging.getLogger("lohakr")
+
+FAMILY_OF_CONFIG = {"SDXL": "sdxl", "SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
+                    "SDXLRefiner": "unknown"}
+CLIP_COMPONENTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+
+@dataclass
+class StackItem:
+    """One adapter to apply: file path, strengths, block weights."""
+
+    path: str
+    strength_model: float
+    strength_clip: float
+    block_weights: str | BlockWeights | None = None
+    name: str | None = None
+
+
+# -- layout ------------------------------------------------------------------------------------
+def model_family(model: Any) -> str:
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return FAMILY_OF_CONFIG.get(type(config).__name__, "unknown") if config is not None else "unknown"
+
+
+def comfy_layout(model: Any | None, clip: Any | None) -> ModelLayout:
+    """The layout of a ComfyUI MODEL (``diffusion_model.*``) and CLIP (``clip_l.*``/``clip_g.*``)."""
+    unet: dict[str, tuple[tuple[int, ...], str]] = {}
+    if model is not None:
+        for key, tensor in model.model.state_dict().items():
+            if key.startswith("diffusion_model.") and key.endswith(".weight") and tensor.dim() >= 2:
+                unet[key[len("diffusion_model."):-len(".weight")]] = (tuple(tensor.shape), key)
+    text_encoders: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    if clip is not None:
+        for key, tensor in clip.cond_stage_model.state_dict().items():
+            head, _, rest = key.partition(".transformer.")
+            component = CLIP_COMPONENTS.get(head)
+            if component is None or not rest.endswith(".weight") or tensor.dim() < 2 or "embeddings." in rest:
+                continue
+            text_encoders.setdefault(component, {})[rest[: -len(".weight")]] = (tuple(tensor.shape), key)
+        if set(text_encoders) == {"text_encoder_2"}:  # a lone clip_g is the first text encoder
+            text_encoders = {"text_encoder": text_encoders["text_encoder_2"]}
+    family = model_family(model) if model is not None else ("sdxl" if "text_encoder_2" in text_encoders else "unknown")
+    return ModelLayout.from_sgm(family, unet or None, text_encoders)
+
+
+def comfy_fallback(model: Any | None, clip: Any | None, layout: ModelLayout):
+    """ComfyUI's own key maps (``comfy.lora.model_lora_keys_unet/clip``) for names we do not know."""
+    import comfy.lora
+
+    key_map: dict[str, str] = {}
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    if model is not None:
+        comfy.lora.model_lora_keys_unet(model.model, key_map)
+        shapes.update({k: (tuple(v.shape), "unet") for k, v in model.model.state_dict().items()})
+    if clip is not None:
+        comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        shapes.update({k: (tuple(v.shape), "clip") for k, v in clip.cond_stage_model.state_dict().items()})
+
+    def lookup(name: str) -> LayerTarget | None:
+        host_key = key_map.get(name)
+        if not isinstance(host_key, str) or host_key not in shapes:
+            return None
+        shape, part = shapes[host_key]
+        component = "unet" if part == "unet" else ("text_encoder_2" if host_key.startswith("clip_g.") else "text_encoder")
+        block = guess_block(name)
+        if block == "?":
+            block = "OTHER" if component == "unet" else ("TE2" if component == "text_encoder_2" else
+                                                         ("TE1" if "TE1" in layout.blocks else "TE"))
+        return LayerTarget(component, host_key, shape, block, host_key=host_key)
+
+    return lookup
+
+
+# -- the lazy patch ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def weight_adapter_class() -> type | None:
+    """Our ``WeightAdapterBase`` subclass, or ``None`` on a ComfyUI without ``comfy.weight_adapter``."""
+    try:
+        from comfy.weight_adapter.base import WeightAdapterBase
+    except ImportError:
+        return None
+
+    class LohakrWeightAdapter(WeightAdapterBase):
+        """One module of a LoHa/LoKr file as a ComfyUI patch; ΔW is built when ComfyUI asks."""
+
+        name = "lohakr"
+
+        def __init__(self, module: AdapterModule, weight_shape: tuple[int, ...], bias: bool = False):
+            self.module = module
+            self.weight_shape = tuple(weight_shape)
+            self.bias = bias
+            self.loaded_keys: set[str] = set()
+            self.weights: list[torch.Tensor] = list(module.tensors().values())
+
+        @classmethod
+        def load(cls, *args, **kwargs):  # we never go through comfy.lora.load_lora
+            return None
+
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                             intermediate_dtype=torch.float32, original_weight=None):
+            if self.bias:
+                delta = self.module.bias_delta(weight.device)
+                if delta is not None:
+                    weight += function((strength * delta).to(weight.dtype))
+                return weight
+            plain = offset is None and _is_identity(function)
+            if not plain:  # offset/function patch keys: apply the plain ΔW, as ComfyUI's own adapters do
+                delta = self.module.delta(self.weight_shape, weight.device)
+                if offset is not None:
+                    delta = delta.narrow(*offset)
+                weight += function((strength * delta).to(weight.dtype))
+                return weight
+            work = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+            self.module.add_to(work, strength)
+            if work is not weight:
+                weight.copy_(work)
+            return weight
+
+    return LohakrWeightAdapter
+
+
+def _is_identity(function: Any) -> bool:
+    if function is None:
+        return True
+    probe = torch.empty(0)
+    try:
+        return function(probe) is probe
+    except Exception:  # noqa: BLE001 - a function that fails on a probe is not the identity
+        return False
+
+
+def _patch_value(module: AdapterModule, target: LayerTarget, bias: bool = False):
+    adapter_class = weight_adapter_class()
+    if adapter_class is not None:
+        return adapter_class(module, target.weight_shape, bias)
+    # Old ComfyUI: a precomputed diff (built now, on the CPU, one layer at a time).
+    if bias:
+        return ("diff", (module.bias_delta("cpu"),))
+    return ("diff", (module.delta(target.weight_shape, "cpu"),))
+
+
+# -- applying ------------------------------------------------------------------------------------
+def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
+                strict: bool = False) -> tuple[Any, Any, list[LoadReport]]:
+    """Apply adapters to clones of ``model``/``clip`` (one clone each for the whole stack).
+
+    Strength 0 on a side returns that input untouched. Raises ``LohakrError`` (file, base model,
+    strict) before any patch is added."""
+    items = list(items)
+    use_model = model is not None and any(i.strength_model != 0 for i in items)
+    use_clip = clip is not None and any(i.strength_clip != 0 for i in items)
+    if not items or not (use_model or use_clip):
+        return model, clip, []
+    if weight_adapter_class() is None:
+        logger.warning("lohakr: this ComfyUI has no comfy.weight_adapter; falling back to precomputed diff "
+                       "patches (more memory, no lazy ΔW). Update ComfyUI for lazy patching.")
+    layout = comfy_layout(model, clip)
+    fallback = comfy_fallback(model, clip, layout)
+    planned: list[tuple[StackItem, Adapter, list, LoadReport, BlockWeights]] = []
+    for item in items:
+        adapter = adapter_cache.load(item.path)
+        matches, report = resolve(adapter, layout, strict=strict, fallback=fallback, fallback_name="comfy")
+        report.adapter = item.name or adapter.name
+        weights = parse_block_weights(item.block_weights, layout.blocks, layout.family)
+        warning = zeroed_by_omission(weights, {m.block for m in matches})
+        if warning:
+            report.warnings.append(warning)
+        report.strength = {"model": item.strength_model, "clip": item.strength_clip}
+        report.block_weights = weights.spec
+        planned.append((item, adapter, matches, report, weights))
+
+    new_model = model.clone() if use_model else model
+    new_clip = clip.clone() if use_clip else clip
+    reports = []
+    for item, adapter, matches, report, weights in planned:
+        groups: dict[tuple[bool, float], dict[str, Any]] = {}
+        for match in matches:
+            is_clip = match.target.component != "unet"
+            side_strength = item.strength_clip if is_clip else item.strength_model
+            if (is_clip and not use_clip) or (not is_clip and not use_model):
+                continue
+            strength = side_strength * weights(match.block)
+            if strength == 0:
+                continue
+            patches = groups.setdefault((is_clip, strength), {})
+            patches[match.target.host_key] = _patch_value(match.module, match.target)
+            if match.module.has_bias_delta:
+                bias_key = match.target.host_key[: -len("weight")] + "bias"
+                patches[bias_key] = _patch_value(match.module, match.target, bias=True)
+        for (is_clip, strength), patches in groups.items():
+            receiver = new_clip if is_clip else new_model
+            accepted = set(receiver.add_patches(patches, strength))
+            dropped = set(patches) - accepted
+            if dropped:
+                raise LohakrError(f"{adapter.source}: ComfyUI refused patches for {', '.join(sorted(dropped)[:5])}")
+        reports.append(report)
+        logger.info("lohakr: %s", report.summary())
+        for outcome in report.not_applied[:20]:
+            logger.warning("lohakr: %s: %s [%s] %s", report.adapter, outcome.module, outcome.status, outcome.reason)
+    return new_model, new_clip, reports

@@ -1,0 +1,232 @@
+"""The nodes, declared once: inputs, outputs, tooltips and a thin ``run`` that calls the bridge.
+
+``api_v3.py`` and ``api_classic.py`` turn these declarations into ComfyUI node classes; only
+one of them is registered, depending on what the running ComfyUI supports. Node ids are API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..loaders.adapter import adapter_cache
+from ..loaders.describe import describe_adapter, describe_coverage, format_coverage, format_description
+from ..loaders.errors import LohakrError
+from .comfy_bridge import StackItem, apply_stack, comfy_layout
+
+CATEGORY = "loaders/lohakr"
+STRENGTH = dict(default=1.0, minimum=-100.0, maximum=100.0, step=0.01)
+BLOCK_WEIGHTS_TIP = ("Per-block strengths. Empty = all 1. An A1111 lora-block-weight vector (12 or 20 values "
+                     "for SDXL, 17 or 26 for SD1.5), a preset (ALL, NONE, INALL, MIDALL, OUTALL, INS, IND, MIDD, "
+                     "OUTD, OUTS) or named values such as 'IN04=0.5, OUT=0, TE2=0'.")
+LORA_TIP = "A LoHa/LoKr (or any LyCORIS) .safetensors file from your loras folder."
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str  # MODEL, CLIP, LORA_STACK, LORA_FILE, FLOAT, STRING
+    tooltip: str
+    optional: bool = False
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    multiline: bool = False
+
+
+@dataclass
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: list[Param]
+    outputs: list[tuple[str, str, str]]  # (type, name, tooltip)
+    run: Callable[..., tuple[tuple, dict | None]]
+    output_node: bool = False
+    file_inputs: tuple[str, ...] = field(default=("lora_name",))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def lora_names() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise LohakrError(f"{name}: not found in the loras folder(s) {', '.join(folder_paths.get_folder_paths('loras'))}")
+    return path
+
+
+def fingerprint(**inputs: Any) -> str:
+    """Changes when a chosen file changes on disk, so ComfyUI re-runs the node."""
+    name = inputs.get("lora_name")
+    if not name:
+        return ""
+    try:
+        stat = os.stat(lora_path(name))
+    except (OSError, LohakrError):
+        return f"{name}:missing"
+    return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def report_ui(reports) -> dict:
+    return {
+        "text": ["\n\n".join(r.format(names=10) for r in reports) or "nothing applied (strength 0)"],
+        "lohakr_report": [json.dumps([r.to_dict() for r in reports], default=str)],
+    }
+
+
+class StackEntry(tuple):
+    """A LORA_STACK entry ``(name, strength_model, strength_clip)`` that carries our block weights
+    alongside: it unpacks as the 3-tuple other packs expect."""
+
+    block_weights: str = ""
+
+    def __new__(cls, name: str, strength_model: float, strength_clip: float, block_weights: str = ""):
+        entry = super().__new__(cls, (name, float(strength_model), float(strength_clip)))
+        entry.block_weights = block_weights or ""
+        return entry
+
+
+def stack_items(stack) -> list[StackItem]:
+    items = []
+    for entry in stack or []:
+        if len(entry) < 3:
+            raise LohakrError(f"LORA_STACK entry {entry!r} is not (name, strength_model, strength_clip)")
+        name, strength_model, strength_clip = entry[0], float(entry[1]), float(entry[2])
+        if name in (None, "", "None"):
+            continue
+        items.append(StackItem(lora_path(name), strength_model, strength_clip,
+                               getattr(entry, "block_weights", "") or None, name=os.path.splitext(os.path.basename(name))[0]))
+    return items
+
+
+def parse_rows(rows: str) -> list[StackEntry]:
+    """The stack node's rows: JSON ``[{"name", "strength_model", "strength_clip", "block_weights",
+    "enabled"}, …]`` (what the web editor writes)."""
+    if not rows or not rows.strip():
+        return []
+    try:
+        data = json.loads(rows)
+    except ValueError as err:
+        raise LohakrError(f"stack rows are not valid JSON ({err})") from None
+    if not isinstance(data, list):
+        raise LohakrError("stack rows must be a JSON list of {name, strength_model, strength_clip, block_weights, enabled}")
+    entries = []
+    for i, row in enumerate(data):
+        if not isinstance(row, dict) or not row.get("name"):
+            raise LohakrError(f"stack row {i + 1} has no adapter name")
+        if row.get("enabled", True) is False:
+            continue
+        entries.append(StackEntry(row["name"], row.get("strength_model", 1.0), row.get("strength_clip", 1.0),
+                                  row.get("block_weights", "")))
+    return entries
+
+
+# -- node bodies ---------------------------------------------------------------------------------
+def run_loader(model, lora_name, strength_model, block_weights="", clip=None, strength_clip=0.0):
+    item = StackItem(lora_path(lora_name), strength_model, strength_clip, block_weights or None,
+                     name=os.path.splitext(os.path.basename(lora_name))[0])
+    new_model, new_clip, reports = apply_stack(model, clip, [item])
+    return (new_model, new_clip), report_ui(reports)
+
+
+def run_loader_model_only(model, lora_name, strength_model, block_weights=""):
+    (new_model, _), ui = run_loader(model, lora_name, strength_model, block_weights)
+    return (new_model,), ui
+
+
+def run_stack(lora_name="None", strength_model=1.0, strength_clip=1.0, block_weights="", rows="", lora_stack=None):
+    stack = list(lora_stack or [])
+    if lora_name and lora_name != "None":
+        stack.append(StackEntry(lora_name, strength_model, strength_clip, block_weights))
+    stack.extend(parse_rows(rows))
+    for entry in stack:
+        if entry[0] not in (None, "", "None"):
+            lora_path(entry[0])  # fail here, on the node that names a missing file
+    return (stack,), {"text": [f"{len(stack)} adapter(s): " + ", ".join(str(e[0]) for e in stack)]}
+
+
+def run_apply_stack(model, lora_stack, clip=None):
+    new_model, new_clip, reports = apply_stack(model, clip, stack_items(lora_stack))
+    return (new_model, new_clip), report_ui(reports)
+
+
+def run_info(lora_name, model=None, clip=None):
+    adapter = adapter_cache.load(lora_path(lora_name))
+    description = describe_adapter(adapter)
+    text = format_description(description)
+    coverage = None
+    if model is not None or clip is not None:
+        coverage = describe_coverage(adapter, comfy_layout(model, clip))
+        text += "\n\n" + format_coverage(coverage)
+    payload = json.dumps({"adapter": description, "coverage": coverage}, default=str)
+    return (text,), {"text": [text], "lohakr_info": [payload]}
+
+
+NODES: list[NodeSpec] = [
+    NodeSpec(
+        "LohakrLoader", "Load LoHa / LoKr (lohakr)",
+        "Apply a LoHa/LoKr/LyCORIS adapter to MODEL and CLIP, exactly, with per-block strengths. "
+        "Shows what applied, per block.",
+        [Param("model", "MODEL", "The diffusion model to patch."),
+         Param("lora_name", "LORA_FILE", LORA_TIP),
+         Param("strength_model", "FLOAT", "Strength on the diffusion model (negative inverts).", **STRENGTH),
+         Param("strength_clip", "FLOAT", "Strength on the text encoder(s) (negative inverts).", **STRENGTH),
+         Param("block_weights", "STRING", BLOCK_WEIGHTS_TIP, default=""),
+         Param("clip", "CLIP", "The text encoder(s) to patch (optional).", optional=True)],
+        [("MODEL", "MODEL", "The patched model."), ("CLIP", "CLIP", "The patched text encoder(s).")],
+        run_loader,
+    ),
+    NodeSpec(
+        "LohakrLoaderModelOnly", "Load LoHa / LoKr, model only (lohakr)",
+        "Apply a LoHa/LoKr/LyCORIS adapter to the diffusion model only.",
+        [Param("model", "MODEL", "The diffusion model to patch."),
+         Param("lora_name", "LORA_FILE", LORA_TIP),
+         Param("strength_model", "FLOAT", "Strength on the diffusion model (negative inverts).", **STRENGTH),
+         Param("block_weights", "STRING", BLOCK_WEIGHTS_TIP, default="")],
+        [("MODEL", "MODEL", "The patched model.")],
+        run_loader_model_only,
+    ),
+    NodeSpec(
+        "LohakrStack", "LoHa / LoKr stack (lohakr)",
+        "Build a LORA_STACK of adapters (chainable; works with other packs' stacks). Apply it with "
+        "'Apply LoHa / LoKr stack'.",
+        [Param("lora_name", "LORA_FILE", LORA_TIP + " 'None' adds nothing.", default="None"),
+         Param("strength_model", "FLOAT", "Strength on the diffusion model.", **STRENGTH),
+         Param("strength_clip", "FLOAT", "Strength on the text encoder(s).", **STRENGTH),
+         Param("block_weights", "STRING", BLOCK_WEIGHTS_TIP, default=""),
+         Param("rows", "STRING", "More adapters, as JSON rows written by the stack editor: "
+               "[{name, strength_model, strength_clip, block_weights, enabled}].", default="", multiline=True),
+         Param("lora_stack", "LORA_STACK", "A stack to extend (from this or another pack).", optional=True)],
+        [("LORA_STACK", "LORA_STACK", "The stack: (name, strength_model, strength_clip) entries.")],
+        run_stack,
+    ),
+    NodeSpec(
+        "LohakrApplyStack", "Apply LoHa / LoKr stack (lohakr)",
+        "Apply a whole LORA_STACK (ours or another pack's) in one clone of MODEL and CLIP.",
+        [Param("model", "MODEL", "The diffusion model to patch."),
+         Param("lora_stack", "LORA_STACK", "The adapters to apply, in order."),
+         Param("clip", "CLIP", "The text encoder(s) to patch (optional).", optional=True)],
+        [("MODEL", "MODEL", "The patched model."), ("CLIP", "CLIP", "The patched text encoder(s).")],
+        run_apply_stack, file_inputs=(),
+    ),
+    NodeSpec(
+        "LohakrInfo", "LoHa / LoKr info (lohakr)",
+        "What an adapter file is (algorithms, ranks, alphas, scales, Tucker, DoRA, base model, trigger tags) "
+        "and, given a model, how it maps onto it block by block. Patches nothing.",
+        [Param("lora_name", "LORA_FILE", LORA_TIP),
+         Param("model", "MODEL", "Show coverage on this model (optional).", optional=True),
+         Param("clip", "CLIP", "Show coverage on these text encoders (optional).", optional=True)],
+        [("STRING", "info", "The description as text.")],
+        run_info, output_node=True,
+    ),
+]
