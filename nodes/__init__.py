@@ -19,7 +19,10 @@ def current_api_available() -> bool:
 
 
 def registration() -> dict:
-    """The names ComfyUI looks for in a custom node package."""
+    """The names ComfyUI looks for in a custom node package (and our HTTP route, inside ComfyUI)."""
+    from .routes import register_routes
+
+    register_routes()
     if current_api_available():
         from .api_v3 import comfy_entrypoint
 
