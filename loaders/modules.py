@@ -131,22 +131,51 @@ class AdapterModule:
             return None
         return t.to(device=device, dtype=torch.float32)
 
-    def product(self, device: torch.device | str | None = None) -> Tensor:
-        """The unscaled update R in float32 (a new tensor, in the module's natural layout)."""
+    def product_rows(self, start: int, stop: int, device: torch.device | str | None = None) -> Tensor:
+        """Output rows ``start:stop`` of the unscaled update R, float32, 2-D ``(rows, I·k…)``.
+        Always a new tensor."""
         raise NotImplementedError
+
+    def product(self, device: torch.device | str | None = None) -> Tensor:
+        """The whole unscaled update R, float32, 2-D ``(O, I·k…)`` (a new tensor)."""
+        return self.product_rows(0, self.out_features, device)
 
     def delta(self, weight_shape: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
         """``s·R`` reshaped to ``weight_shape``, float32 on ``device``; strength not included."""
-        problem = self.check_target(weight_shape)
-        if problem:
-            raise AdapterShapeError(f"{where(self.source, self.name)}{problem}")
-        product = self.product(device)
-        if _shape(product) != tuple(weight_shape):
-            product = product.reshape(weight_shape)
+        self._check(weight_shape)
+        product = self.product(device).reshape(weight_shape)
         scale = self.scale
         if scale != 1.0:
             product.mul_(scale)
         return product
+
+    def _check(self, weight_shape: tuple[int, ...]) -> None:
+        problem = self.check_target(weight_shape)
+        if problem:
+            raise AdapterShapeError(f"{where(self.source, self.name)}{problem}")
+
+    def works_by_rows(self, weight_shape: tuple[int, ...]) -> bool:
+        """True when ``add_rows`` can patch this weight a block of output rows at a time (everything
+        but input-axis DoRA, whose norms need every row)."""
+        return self.dora_scale is None or self._dora_axis(tuple(weight_shape)) == "out"
+
+    def add_rows(self, work: Tensor, start: int, stop: int, strength: float) -> Tensor:
+        """Apply this module at ``strength`` to output rows ``start:stop`` of a weight, given as
+        ``work`` (float32, ``(rows, I·k…)``, modified in place). Same math as ``add_to``."""
+        if strength == 0:
+            return work
+        update = self.product_rows(start, stop, work.device)
+        if self.dora_scale is None:
+            factor = strength * self.scale
+            return work.add_(update) if factor == 1.0 else work.add_(update, alpha=factor)
+        if self.scale != 1.0:
+            update.mul_(self.scale)
+        update.add_(work)
+        magnitude = self.dora_scale.reshape(-1)[start:stop].to(device=work.device, dtype=torch.float32)
+        rebuild.apply_dora(update, magnitude, "out")
+        if strength == 1:
+            return work.copy_(update)
+        return work.add_(update.sub_(work), alpha=strength)
 
     @property
     def has_bias_delta(self) -> bool:
@@ -165,11 +194,14 @@ class AdapterModule:
         """
         if strength == 0:
             return weight
-        update = self.delta(_shape(weight), weight.device)
-        if self.dora_scale is None:
-            if strength == 1:
-                return weight.add_(update)
-            return weight.add_(update, alpha=strength)
+        shape = _shape(weight)
+        self._check(shape)
+        if self.works_by_rows(shape) and weight.is_contiguous():
+            rows = weight.view(shape[0], -1)
+            for chunk in rebuild.row_chunks(shape[0], rows.shape[1]):
+                self.add_rows(rows[chunk], chunk.start, chunk.stop, strength)
+            return weight
+        update = self.delta(shape, weight.device)
         update.add_(weight)
         magnitude = self.dora_scale.to(device=weight.device, dtype=torch.float32)
         rebuild.apply_dora(update, magnitude, self._dora_axis(_shape(weight)))
@@ -283,17 +315,17 @@ class LohaModule(AdapterModule):
     def weight_shape(self) -> tuple[int, ...]:
         return self._branch_shape("1")
 
-    def product(self, device=None) -> Tensor:
+    def product_rows(self, start, stop, device=None) -> Tensor:
         g = lambda k: self._factor(k, device)  # noqa: E731
         if self.tucker:
             return rebuild.loha_product(
                 g("hada_w1_a"), rebuild.flatten_factor(g("hada_w1_b")),
                 g("hada_w2_a"), rebuild.flatten_factor(g("hada_w2_b")),
-                g("hada_t1"), g("hada_t2"),
+                g("hada_t1"), g("hada_t2"), start=start, stop=stop,
             )
         return rebuild.loha_product(
             rebuild.flatten_factor(g("hada_w1_a")), g("hada_w1_b"),
-            rebuild.flatten_factor(g("hada_w2_a")), g("hada_w2_b"),
+            rebuild.flatten_factor(g("hada_w2_a")), g("hada_w2_b"), start=start, stop=stop,
         )
 
 
@@ -387,23 +419,31 @@ class LokrModule(AdapterModule):
         (a, c), w2 = self.w1_shape, self.w2_shape
         return (a * w2[0], c * w2[1], *w2[2:])
 
-    def product(self, device=None) -> Tensor:
+    def factors_w1_w2(self, device=None) -> tuple[Tensor, Tensor]:
+        """The two Kronecker factors, rebuilt: w1 ``(a, c)`` and w2 ``(b, d[, *k])`` or ``(b, d·k…)``."""
         g = lambda k: self._factor(k, device)  # noqa: E731
-        w1 = rebuild.lokr_w1(g("lokr_w1"), g("lokr_w1_a"), g("lokr_w1_b"))
-        w1 = w1.reshape(self.w1_shape)
-        w2_a = g("lokr_w2_a")
+        w1 = rebuild.lokr_w1(g("lokr_w1"), g("lokr_w1_a"), g("lokr_w1_b")).reshape(self.w1_shape)
         w2_b = g("lokr_w2_b")
         if w2_b is not None:
             w2_b = rebuild.flatten_factor(w2_b)
-        w2 = rebuild.lokr_w2(g("lokr_w2"), w2_a, w2_b, g("lokr_t2"))
-        out = rebuild.kron(w1, w2)
-        expected = self.weight_shape
-        if _shape(out) != expected:  # TV-KRON-PAD: never reshape a wrongly padded kron
+        w2 = rebuild.lokr_w2(g("lokr_w2"), g("lokr_w2_a"), w2_b, g("lokr_t2"))
+        expected = self.w2_shape
+        if _shape(w2) != expected:
             raise AdapterShapeError(
-                f"{where(self.source, self.name)}Kronecker product has shape {_fmt(_shape(out))}, "
-                f"expected {_fmt(expected)}"
+                f"{where(self.source, self.name)}w2 rebuilds to {_fmt(_shape(w2))}, expected {_fmt(expected)}"
             )
-        return out
+        return w1, w2
+
+    def product_rows(self, start, stop, device=None) -> Tensor:
+        w1, w2 = self.factors_w1_w2(device)
+        rows = rebuild.kron_rows(w1, w2, start, stop)
+        width = _numel(self.weight_shape[1:])
+        if _shape(rows) != (stop - start, width):  # TV-KRON-PAD: never reshape a wrongly padded kron
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}Kronecker rows have shape {_fmt(_shape(rows))}, "
+                f"expected {_fmt((stop - start, width))}"
+            )
+        return rows
 
 
 @dataclass(eq=False)
@@ -438,9 +478,9 @@ class LoraModule(AdapterModule):
             return (out, down[1], *_shape(f["lora_mid.weight"])[2:])
         return (out, _numel(down[1:]))
 
-    def product(self, device=None) -> Tensor:
+    def product_rows(self, start, stop, device=None) -> Tensor:
         g = lambda k: self._factor(k, device)  # noqa: E731
-        return rebuild.lora_product(g("lora_up.weight"), g("lora_down.weight"), g("lora_mid.weight"))
+        return rebuild.lora_product(g("lora_up.weight"), g("lora_down.weight"), g("lora_mid.weight"), start, stop)
 
 
 @dataclass(eq=False)
@@ -461,9 +501,9 @@ class FullModule(AdapterModule):
     def weight_shape(self) -> tuple[int, ...]:
         return _shape(self.factors["diff"])
 
-    def product(self, device=None) -> Tensor:
+    def product_rows(self, start, stop, device=None) -> Tensor:
         diff = self.factors["diff"]
-        return diff.to(device=device, dtype=torch.float32, copy=True)
+        return diff.reshape(diff.shape[0], -1)[start:stop].to(device=device, dtype=torch.float32, copy=True)
 
     @property
     def has_bias_delta(self) -> bool:

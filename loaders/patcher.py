@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .blocks import BlockWeights
 from .modules import AdapterModule
 from .names import LayerTarget
+from .rebuild import CHUNK_ELEMENTS, row_chunks
 from .report import LoadReport
 from .resolve import Match
 
@@ -116,14 +117,15 @@ class WeightPatcher:
                 f"{target.key}: the weight is on the meta device (sequential CPU offload or an "
                 "unloaded model); load adapters before enable_sequential_cpu_offload()"
             )
-        device = self.keep_originals_on or layer.weight.device
-        weight = layer.weight.detach().to(device, copy=True)
-        bias = layer.bias.detach().to(device, copy=True) if getattr(layer, "bias", None) is not None else None
+        device = torch.device(self.keep_originals_on or layer.weight.device)
+        weight = _copy_to(layer.weight.detach(), device)
+        bias = _copy_to(layer.bias.detach(), device) if getattr(layer, "bias", None) is not None else None
         self._originals[target.key] = _Original(target, weight, bias)
 
     def _recompute(self, targets: Iterable[LayerTarget], progress) -> None:
         targets = list(targets)
         index = self._index()
+        scratch = _Scratch()
         iterator: Iterable[LayerTarget] = progress(targets) if progress else targets
         for target in iterator:
             kept = self._originals.get(target.key)
@@ -138,20 +140,37 @@ class WeightPatcher:
                         layer.bias.copy_(kept.bias)
                     del self._originals[target.key]
                     continue
-                device = layer.weight.device
-                work = kept.weight.to(device=device, dtype=torch.float32, copy=True)
-                bias_work = None
+                self._apply(layer, kept, contributions, scratch)
+
+    def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: "_Scratch") -> None:
+        """Write ``W0 + Σ contributions`` into the layer: a block of rows at a time through one
+        reused float32 buffer (no layer-sized temporaries), or the whole layer for input-axis DoRA."""
+        weight = layer.weight
+        device, shape = weight.device, tuple(weight.shape)
+        source = kept.weight if kept.weight.device == device else kept.weight.to(device)
+        if weight.is_contiguous() and all(m.works_by_rows(shape) for _, m, _ in contributions):
+            out_dim = shape[0]
+            rows, original = weight.view(out_dim, -1), source.view(out_dim, -1)
+            for chunk in row_chunks(out_dim, rows.shape[1]):
+                work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
+                work.copy_(original[chunk])
                 for _, module, strength in contributions:
-                    module.add_to(work, strength)
-                    if module.has_bias_delta and kept.bias is not None and strength != 0:
-                        bias_delta = module.bias_delta(device)
-                        if bias_work is None:
-                            bias_work = kept.bias.to(device=device, dtype=torch.float32, copy=True)
-                        bias_work.add_(bias_delta, alpha=strength)
-                layer.weight.copy_(work)
-                del work
-                if kept.bias is not None:
-                    layer.bias.copy_(bias_work if bias_work is not None else kept.bias)
+                    module.add_rows(work, chunk.start, chunk.stop, strength)
+                rows[chunk].copy_(work)
+        else:
+            work = source.to(device=device, dtype=torch.float32, copy=True)
+            for _, module, strength in contributions:
+                module.add_to(work, strength)
+            weight.copy_(work)
+            del work
+        if kept.bias is not None:
+            bias_work = None
+            for _, module, strength in contributions:
+                if module.has_bias_delta and strength != 0:
+                    if bias_work is None:
+                        bias_work = kept.bias.to(device=device, dtype=torch.float32, copy=True)
+                    bias_work.add_(module.bias_delta(device), alpha=strength)
+            layer.bias.copy_(bias_work if bias_work is not None else kept.bias)
 
     def _index(self) -> dict[str, list[tuple[PatchedAdapter, AdapterModule, float]]]:
         plain: dict[str, list] = {}
@@ -168,6 +187,26 @@ class WeightPatcher:
 
     def __iter__(self) -> Iterator[PatchedAdapter]:
         return iter(self.adapters.values())
+
+
+class _Scratch:
+    """One float32 work buffer per device, reused for every block of rows of every layer."""
+
+    def __init__(self):
+        self.buffers: dict[torch.device, Tensor] = {}
+
+    def get(self, device: torch.device, shape: tuple[int, int]) -> Tensor:
+        need = shape[0] * shape[1]
+        buffer = self.buffers.get(device)
+        if buffer is None or buffer.numel() < need:
+            buffer = torch.empty(max(need, CHUNK_ELEMENTS), dtype=torch.float32, device=device)
+            self.buffers[device] = buffer
+        return buffer[:need].view(shape)
+
+
+def _copy_to(tensor: Tensor, device: torch.device) -> Tensor:
+    """A copy on ``device``; ``clone`` when it stays put (the fastest same-device copy)."""
+    return tensor.clone() if tensor.device == device else tensor.to(device, copy=True)
 
 
 def _layer(target: LayerTarget) -> nn.Module:

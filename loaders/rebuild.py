@@ -41,9 +41,10 @@ def _tucker_outer(half: Tensor, out_factor: Tensor) -> Tensor:
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _row_chunks(rows: int, row_size: int) -> list[slice]:
+def row_chunks(rows: int, row_size: int, start: int = 0) -> list[slice]:
+    """Slices of ``rows`` (from ``start``) holding about ``CHUNK_ELEMENTS`` elements each."""
     step = max(1, CHUNK_ELEMENTS // max(1, row_size))
-    return [slice(p, min(p + step, rows)) for p in range(0, rows, step)]
+    return [slice(p, min(p + step, rows)) for p in range(start, rows, step)]
 
 
 def loha_product(
@@ -53,26 +54,33 @@ def loha_product(
     w2_b: Tensor,
     t1: Tensor | None = None,
     t2: Tensor | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Tensor:
     """LoHa: ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, or the Hadamard product of two Tucker rebuilds.
 
-    Without Tucker ``_a`` is ``(O, r)`` and the result is 2-D ``(O, I·k…)``; with Tucker ``_a``
-    is ``(r, O)``, ``_b`` ``(r, I)`` and the result is ``(O, I, *kernel)``. Built in row chunks.
+    Without Tucker ``_a`` is ``(O, r)``; with Tucker ``_a`` is ``(r, O)``, ``_b`` ``(r, I)``.
+    Returns output rows ``start:stop`` flattened to 2-D ``(rows, I·k…)``, built in row chunks so
+    each branch only ever exists one chunk at a time.
     """
-    if t1 is None:
-        b1, b2 = flatten_factor(w1_b), flatten_factor(w2_b)
-        out = torch.empty(w1_a.shape[0], b1.shape[1], dtype=b1.dtype, device=b1.device)
-        for rows in _row_chunks(out.shape[0], out.shape[1]):
-            chunk = out[rows]
-            torch.mm(w1_a[rows], b1, out=chunk)
-            chunk.mul_(w2_a[rows] @ b2)
+    tucker = t1 is not None
+    out_dim = w1_a.shape[1] if tucker else w1_a.shape[0]
+    stop = out_dim if stop is None else stop
+    if tucker:
+        half1, half2 = _tucker_inner(t1, w1_b), _tucker_inner(t2, w2_b)
+        width = half1[0].numel()
+        out = torch.empty(stop - start, width, dtype=half1.dtype, device=half1.device)
+        for rows in row_chunks(stop, width, start):
+            chunk = out[rows.start - start: rows.stop - start]
+            chunk.copy_(_tucker_outer(half1, w1_a[:, rows]).reshape(chunk.shape))
+            chunk.mul_(_tucker_outer(half2, w2_a[:, rows]).reshape(chunk.shape))
         return out
-    half1, half2 = _tucker_inner(t1, w1_b), _tucker_inner(t2, w2_b)
-    out = torch.empty(w1_a.shape[1], *half1.shape[1:], dtype=half1.dtype, device=half1.device)
-    for rows in _row_chunks(out.shape[0], out[0].numel()):
-        chunk = out[rows]
-        chunk.copy_(_tucker_outer(half1, w1_a[:, rows]))
-        chunk.mul_(_tucker_outer(half2, w2_a[:, rows]))
+    b1, b2 = flatten_factor(w1_b), flatten_factor(w2_b)
+    out = torch.empty(stop - start, b1.shape[1], dtype=b1.dtype, device=b1.device)
+    for rows in row_chunks(stop, b1.shape[1], start):
+        chunk = out[rows.start - start: rows.stop - start]
+        torch.mm(w1_a[rows], b1, out=chunk)
+        chunk.mul_(w2_a[rows] @ b2)
     return out
 
 
@@ -85,6 +93,22 @@ def kron(w1: Tensor, w2: Tensor) -> Tensor:
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     return torch.kron(w1.contiguous(), w2.contiguous())
+
+
+def kron_rows(w1: Tensor, w2: Tensor, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of ``kron(w1, w2)``, flattened to 2-D, without building the rest.
+
+    Row ``i·b + q`` (b = rows of w2) is ``w1[i] ⊗ w2[q]``: each w1 row contributes one block."""
+    b = w2.shape[0]
+    if start == 0 and stop == w1.shape[0] * b:
+        return kron(w1, w2).reshape(stop, -1)
+    while w1.dim() < w2.dim():
+        w1 = w1.unsqueeze(-1)
+    pieces = []
+    for i in range(start // b, (stop - 1) // b + 1):
+        q0, q1 = max(start - i * b, 0), min(stop - i * b, b)
+        pieces.append(torch.kron(w1[i:i + 1].contiguous(), w2[q0:q1].contiguous()).reshape(q1 - q0, -1))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def lokr_w1(w1: Tensor | None, w1_a: Tensor | None, w1_b: Tensor | None) -> Tensor:
@@ -105,12 +129,15 @@ def lokr_w2(
     return w2_a @ flatten_factor(w2_b)
 
 
-def lora_product(up: Tensor, down: Tensor, mid: Tensor | None = None) -> Tensor:
-    """LoRA/LoCon: ``up @ down`` (2-D, ``(O, I·k…)``), or the Tucker rebuild with ``lora_mid``."""
-    up2 = flatten_factor(up)
+def lora_product(up: Tensor, down: Tensor, mid: Tensor | None = None, start: int = 0,
+                 stop: int | None = None) -> Tensor:
+    """LoRA/LoCon: rows ``start:stop`` of ``up @ down`` (2-D, ``(rows, I·k…)``), or of the Tucker
+    rebuild with ``lora_mid``."""
+    up2 = flatten_factor(up)[start:stop]
     if mid is None:
         return up2 @ flatten_factor(down)
-    return rebuild_tucker(mid, up2.t(), flatten_factor(down))
+    rows = rebuild_tucker(mid, up2.t(), flatten_factor(down))
+    return rows.reshape(rows.shape[0], -1)
 
 
 def dora_axis(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...], prefer_output: bool) -> str:

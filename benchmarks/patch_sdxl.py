@@ -1,0 +1,384 @@
+"""Side-by-side benchmark at full SDXL size: lohakr vs LyCORIS' merge (and ComfyUI's native LoraLoader
+when COMFYUI_DIR is set), with a roofline and scaling in rank and stack depth.
+
+    python benchmarks/patch_sdxl.py                       # fp16, CPU, all three adapters, 3 repetitions
+    python benchmarks/patch_sdxl.py --dtype fp32 --reps 5 --device cuda --scaling
+
+Models: the full SDXL UNet and both CLIP text encoders, built on the meta device from the embedded
+configs and materialised with seeded random weights. Adapters: real files written by lycoris-lora
+(kohya names) for the kohya-default module set plus the conv modules: LoHa dim 32 / alpha 16 with
+conv dim 16 Tucker; LoKr factor 8; LoKr factor -1 with full w2. Cached in benchmarks/.cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+ADAPTERS = {
+    "loha_d32_tucker": dict(algo="loha", network_dim=32, network_alpha=16, conv_dim=16, conv_alpha=8, use_tucker=True),
+    "lokr_f8": dict(algo="lokr", network_dim=16, network_alpha=8, factor=8),
+    "lokr_full_w2": dict(algo="lokr", network_dim=100000, network_alpha=1, factor=-1),
+}
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Median wall time of a callable; also the peak memory it added (RSS on CPU, allocator on CUDA)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __call__(self, fn, setup=None, reps: int = 3):
+        times, peaks = [], []
+        for _ in range(reps):
+            if setup:
+                setup()
+            gc.collect()
+            sync(self.device)
+            if self.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            else:
+                reset_peak()
+                base = rss_bytes()
+            start = time.perf_counter()
+            fn()
+            sync(self.device)
+            times.append(time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else peak_bytes()
+            peaks.append(max(0, peak - base))
+        return statistics.median(times), max(peaks)
+
+
+# -- models and files ---------------------------------------------------------------------------
+def build_models(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    from lohakr.loaders.reference_models import build_components
+
+    parts = build_components("sdxl", "meta")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for part in parts.values():
+        part.to(dtype)
+        part.to_empty(device=device)
+        with torch.no_grad():
+            for p in part.parameters():
+                chunk = torch.empty(p.shape, dtype=torch.float32).normal_(0, 0.02, generator=g)
+                p.copy_(chunk)
+        part.eval().requires_grad_(False)
+    return parts
+
+
+def lycoris_preset(directory: Path) -> str:
+    import toml
+    from lycoris.config import FULL_TEXT_ENCODER_MODULES, FULL_UNET_MODULES
+
+    path = directory / "preset_full_diffusers.toml"
+    path.write_text(toml.dumps(dict(enable_conv=True, unet_target_module=list(FULL_UNET_MODULES),
+                                    unet_target_name=["conv_in", "conv_out"],
+                                    text_encoder_target_module=list(FULL_TEXT_ENCODER_MODULES),
+                                    text_encoder_target_name=[])))
+    return str(path)
+
+
+def make_adapter_file(parts: dict, name: str, config: dict) -> Path:
+    """A real lycoris-lora file for these models (cached by name and config)."""
+    CACHE.mkdir(exist_ok=True)
+    tag = "_".join(f"{k}{v}" for k, v in sorted(config.items()))
+    path = CACHE / f"{name}__{abs(hash(tag)) % 10**8}.safetensors"
+    if path.exists():
+        return path
+    from lycoris.kohya import create_network
+
+    kw = dict(config)
+    te = [parts["text_encoder"], parts["text_encoder_2"]]
+    network = create_network(1.0, kw.pop("network_dim"), kw.pop("network_alpha"), None, te, parts["unet"],
+                             preset=lycoris_preset(CACHE), **kw)
+    network.apply_to(te, parts["unet"], apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    network.save_weights(str(path), torch.float16, {"ss_network_module": "lycoris.kohya",
+                                                    "ss_base_model_version": "sdxl_base_v1-0"})
+    network.restore() if hasattr(network, "restore") else None
+    for lora in network.text_encoder_loras + network.unet_loras:  # undo apply_to's forward hooks
+        lora.org_module[0].forward = lora.org_forward
+    del network
+    gc.collect()
+    return path
+
+
+# -- roofline ------------------------------------------------------------------------------------
+def machine_peaks(device: str, dtype: torch.dtype) -> dict:
+    n = 4096 if device.startswith("cuda") else 2048
+    compute_dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=compute_dtype)
+    b = torch.randn(n, n, device=device, dtype=compute_dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 10 if device.startswith("cuda") else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    flops = 2 * n**3 * reps / (time.perf_counter() - start)
+    size = 256 * 2**20
+    x = torch.empty(size // 4, device=device, dtype=torch.float32).fill_(1)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    sync(device)
+    bandwidth = 2 * size * reps / (time.perf_counter() - start)
+    return {"gemm_flops": flops, "bandwidth": bandwidth}
+
+
+def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float]:
+    """FLOPs to rebuild every ΔW and the minimum bytes (read + write each touched weight once)."""
+    from lohakr import resolve
+
+    matches, _ = resolve(adapter, layout, check_base_model=False)
+    flops = 0.0
+    touched = {}
+    for m in matches:
+        mod = m.module
+        shape = m.target.weight_shape
+        numel = float(torch.Size(shape).numel())
+        f = mod.factors
+        if mod.kind == "loha":
+            r = mod.rank
+            if mod.tucker:
+                k = float(torch.Size(f["hada_t1"].shape[2:]).numel())
+                out_dim, in_dim = shape[0], shape[1]
+                flops += 2 * (2 * r * r * in_dim * k + 2 * r * out_dim * in_dim * k) + numel
+            else:
+                flops += 2 * (2 * numel * r) + numel
+        elif mod.kind == "lokr":
+            w2 = float(torch.Size(mod.w2_shape).numel())
+            flops += numel + (2 * w2 * mod.rank if mod.rank else 0)
+        flops += 2 * numel  # scale and add
+        touched[m.target.key] = numel
+    bytes_min = 2 * sum(touched.values()) * torch.tensor([], dtype=dtype).element_size()
+    return flops, bytes_min
+
+
+# -- the runs ------------------------------------------------------------------------------------
+def run_lohakr(parts, path, timer, reps):
+    import lohakr
+
+    pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}))
+    parse, _ = timer(lambda: lohakr.load_adapter(path), reps=reps)
+    adapter = lohakr.load_adapter(path)
+    results = {"parse_s": parse}
+
+    def unload():
+        if pipe.lycoris_adapters():
+            pipe.unload_lycoris()
+
+    load, peak = timer(lambda: pipe.load_lycoris(adapter, "bench"), setup=unload, reps=reps)
+    results.update(load_patch_s=load, peak_extra_bytes=peak)
+    results["strength_s"], _ = timer(lambda: pipe.set_lycoris_strength("bench", 0.5), reps=reps)
+    results["kept_originals_bytes"] = pipe.__dict__["_lohakr_patcher"].kept_bytes
+
+    def reload():
+        unload()
+        pipe.load_lycoris(adapter, "bench")
+
+    results["unload_s"], _ = timer(lambda: pipe.unload_lycoris("bench"), setup=reload, reps=reps)
+    return results
+
+
+def run_lycoris(parts, path, timer, reps, device, dtype):
+    """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r, spec D9)."""
+    from lycoris.kohya import create_network_from_weights
+    from safetensors.torch import load_file
+
+    te = [parts["text_encoder"], parts["text_encoder_2"]]
+    snapshot = {}
+    for name, part in parts.items():
+        for key, value in part.state_dict().items():
+            snapshot[(name, key)] = value.detach().to("cpu", copy=True)
+
+    def restore():
+        with torch.no_grad():
+            for (name, key), value in snapshot.items():
+                parts[name].state_dict()[key].copy_(value)
+
+    def merge():
+        weights = load_file(str(path))
+        network, weights = create_network_from_weights(1.0, str(path), None, te, parts["unet"], weights_sd=weights)
+        network.merge_to(te, parts["unet"], weights, dtype, device)
+
+    try:
+        total, peak = timer(merge, setup=restore, reps=reps)
+        result = {"load_patch_s": total, "peak_extra_bytes": peak}
+    except Exception as err:  # noqa: BLE001 - a peer failing on its own files is a result to report
+        result = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
+    restore()
+    del snapshot
+    gc.collect()
+    return result
+
+
+def run_comfy(paths: dict, dtype: str, reps: int) -> dict:
+    comfy = os.environ.get("COMFYUI_DIR")
+    if not comfy:
+        return {"skipped": "COMFYUI_DIR not set"}
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(HERE / "comfy_peer.py"), comfy, dtype, str(reps), json.dumps({k: str(v) for k, v in paths.items()})],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        return {"error": out.stderr[-800:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_s(x):
+    return f"{x:7.2f} s" if isinstance(x, (int, float)) else str(x)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated subset of " + ", ".join(ADAPTERS))
+    parser.add_argument("--no-lycoris", action="store_true", help="skip the LyCORIS peer")
+    parser.add_argument("--scaling", action="store_true", help="also time rank 4..128 and 1..8 stacked adapters")
+    parser.add_argument("--json", help="write all figures to this file")
+    args = parser.parse_args(argv)
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device = args.device
+    timer = Timer(device)
+    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "device": device,
+                                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
+                    "dtype": args.dtype}
+    peaks = machine_peaks(device, dtype)
+    report["roofline"] = peaks
+    print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32), "
+          f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s")
+    start = time.perf_counter()
+    parts = build_models(dtype, device)
+    model_bytes = sum(p.numel() * p.element_size() for part in parts.values() for p in part.parameters())
+    print(f"full SDXL UNet + CLIP-L + CLIP-G: {model_bytes / 2**30:.2f} GiB {args.dtype} on {device} "
+          f"(built in {time.perf_counter() - start:.0f} s)")
+    from lohakr import ModelLayout, load_adapter
+
+    layout = ModelLayout.from_diffusers(**parts)
+    names = [n for n in args.adapters.split(",") if n]
+    paths = {name: make_adapter_file(parts, name, ADAPTERS[name]) for name in names}
+    report["adapters"] = {}
+    for name, path in paths.items():
+        adapter = load_adapter(path)
+        flops, bytes_min = adapter_cost(adapter, layout, dtype)
+        bound = max(flops / peaks["gemm_flops"], bytes_min / peaks["bandwidth"])
+        ours = run_lohakr(parts, path, timer, args.reps)
+        peer = {} if args.no_lycoris else run_lycoris(parts, path, timer, args.reps, device, dtype)
+        entry = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops, "bytes_min": bytes_min,
+                 "lower_bound_s": bound, "lohakr": ours, "lycoris": peer}
+        report["adapters"][name] = entry
+        print(f"\n{name}: {len(adapter)} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
+              f"({flops / 1e9:.0f} GFLOP, {bytes_min / 2**30:.2f} GiB moved)")
+        print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
+              f"({ours['load_patch_s'] / bound:.2f}× bound)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}"
+              f"  peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB (originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB)")
+        if peer.get("load_patch_s"):
+            print(f"  LyCORIS  create_network_from_weights + merge_to {fmt_s(peer['load_patch_s'])} "
+                  f"({peer['load_patch_s'] / ours['load_patch_s']:.1f}× lohakr)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
+        elif peer:
+            print(f"  LyCORIS  {peer.get('error')}")
+    if args.scaling:
+        report["scaling"] = scaling(parts, timer, device)
+    del parts
+    gc.collect()
+    report["comfyui"] = run_comfy(paths, args.dtype, args.reps)
+    if "adapters" in report["comfyui"]:
+        for name, figures in report["comfyui"]["adapters"].items():
+            ours = report["adapters"][name]["lohakr"]["load_patch_s"]
+            print(f"  ComfyUI {name}: native LoraLoader {fmt_s(figures.get('native_s', figures.get('native_error')))}, "
+                  f"lohakr nodes {fmt_s(figures.get('lohakr_s'))}")
+    elif report["comfyui"]:
+        print(f"\nComfyUI: {report['comfyui']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def scaling(parts, timer, device) -> dict:
+    """Load+patch time against LoHa rank (linear modules) and against the number of stacked adapters."""
+    import lohakr
+
+    out = {"rank": {}, "stack": {}}
+    pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}))
+    for rank in (4, 8, 16, 32, 64, 128):
+        path = make_adapter_file(parts, f"loha_r{rank}", dict(algo="loha", network_dim=rank, network_alpha=rank / 2,
+                                                              conv_dim=0, conv_alpha=0))
+        adapter = lohakr.load_adapter(path)
+        t, _ = timer(lambda: pipe.load_lycoris(adapter, "r"), setup=lambda: pipe.unload_lycoris(), reps=1)
+        pipe.unload_lycoris()
+        out["rank"][rank] = t
+        print(f"  scaling: LoHa rank {rank:3d}: load+patch {t:6.2f} s")
+    adapter = lohakr.load_adapter(make_adapter_file(parts, "loha_r16", dict(algo="loha", network_dim=16, network_alpha=8,
+                                                                             conv_dim=0, conv_alpha=0)))
+    for count in (1, 2, 4, 8):
+        def stack():
+            for i in range(count):
+                pipe.load_lycoris(adapter, f"s{i}", strength=1 / count)
+
+        t, _ = timer(stack, setup=lambda: pipe.unload_lycoris(), reps=1)
+        pipe.unload_lycoris()
+        out["stack"][count] = t
+        print(f"  scaling: {count} stacked LoHa r16: load+patch all {t:6.2f} s")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
