@@ -8,6 +8,7 @@ place, ``AdapterModule.scale``; the rebuild functions in ``rebuild.py`` return u
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -129,7 +130,22 @@ class AdapterModule:
         t = self.factors.get(key)
         if t is None:
             return None
+        cache = self.__dict__.get("_float_factors")
+        if cache is not None:
+            hit = cache.get((key, str(device)))
+            if hit is None:
+                hit = cache[(key, str(device))] = t.to(device=device, dtype=torch.float32)
+            return hit
         return t.to(device=device, dtype=torch.float32)
+
+    @contextlib.contextmanager
+    def float_factors(self):
+        """Within this block, factors are cast to float32 once per device, not once per row block."""
+        self.__dict__["_float_factors"] = {}
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_float_factors", None)
 
     def product_rows(self, start: int, stop: int, device: torch.device | str | None = None) -> Tensor:
         """Output rows ``start:stop`` of the unscaled update R, float32, 2-D ``(rows, I·k…)``.
@@ -158,6 +174,11 @@ class AdapterModule:
         """True when ``add_rows`` can patch this weight a block of output rows at a time (everything
         but input-axis DoRA, whose norms need every row)."""
         return self.dora_scale is None or self._dora_axis(tuple(weight_shape)) == "out"
+
+    @property
+    def row_alignment(self) -> int:
+        """Blocks of output rows this module builds best in (LoKr: the rows of w2)."""
+        return 1
 
     def add_rows(self, work: Tensor, start: int, stop: int, strength: float) -> Tensor:
         """Apply this module at ``strength`` to output rows ``start:stop`` of a weight, given as
@@ -198,8 +219,9 @@ class AdapterModule:
         self._check(shape)
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
-            for chunk in rebuild.row_chunks(shape[0], rows.shape[1]):
-                self.add_rows(rows[chunk], chunk.start, chunk.stop, strength)
+            with self.float_factors():
+                for chunk in rebuild.row_chunks(shape[0], rows.shape[1], align=self.row_alignment):
+                    self.add_rows(rows[chunk], chunk.start, chunk.stop, strength)
             return weight
         update = self.delta(shape, weight.device)
         update.add_(weight)
@@ -369,6 +391,30 @@ class LokrModule(AdapterModule):
                     f"w1 has rank {r1} and w2 rank {r2}; the scale uses the w2 rank as "
                     "ComfyUI and A1111 do"
                 )
+
+    @property
+    def row_alignment(self) -> int:
+        return self.w2_shape[0]
+
+    def add_rows(self, work: Tensor, start: int, stop: int, strength: float) -> Tensor:
+        """``work += μ·s·(w1 ⊗ w2)[rows]`` as one broadcast multiply-add, never materialising the
+        Kronecker product, when the rows are whole w2 blocks or lie in one block."""
+        b = self.w2_shape[0]
+        first, last = start // b, (stop - 1) // b + 1
+        aligned = start % b == 0 and stop % b == 0
+        if strength == 0 or self.dora_scale is not None or not (aligned or last - first == 1):
+            return super().add_rows(work, start, stop, strength)
+        w1, w2 = self.factors_w1_w2(work.device)
+        w2 = w2.reshape(b, -1)
+        if aligned:
+            outer, inner = w1[first:last], w2
+        else:
+            outer, inner = w1[first:first + 1], w2[start - first * b: stop - first * b]
+        c, width = w1.shape[1], w2.shape[1]
+        blocks = work.view(outer.shape[0], inner.shape[0], c, width)
+        blocks.addcmul_(outer.reshape(outer.shape[0], 1, c, 1), inner.reshape(1, inner.shape[0], 1, width),
+                        value=strength * self.scale)
+        return work
 
     @property
     def w1_low_rank(self) -> bool:

@@ -14,6 +14,7 @@ weight copies the original back: bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -151,12 +152,16 @@ class WeightPatcher:
         if weight.is_contiguous() and all(m.works_by_rows(shape) for _, m, _ in contributions):
             out_dim = shape[0]
             rows, original = weight.view(out_dim, -1), source.view(out_dim, -1)
-            for chunk in row_chunks(out_dim, rows.shape[1]):
-                work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
-                work.copy_(original[chunk])
-                for _, module, strength in contributions:
-                    module.add_rows(work, chunk.start, chunk.stop, strength)
-                rows[chunk].copy_(work)
+            align = contributions[0][1].row_alignment
+            with contextlib.ExitStack() as stack:
+                for _, module, _ in contributions:
+                    stack.enter_context(module.float_factors())
+                for chunk in row_chunks(out_dim, rows.shape[1], align=align):
+                    work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
+                    work.copy_(original[chunk])
+                    for _, module, strength in contributions:
+                        module.add_rows(work, chunk.start, chunk.stop, strength)
+                    rows[chunk].copy_(work)
         else:
             work = source.to(device=device, dtype=torch.float32, copy=True)
             for _, module, strength in contributions:

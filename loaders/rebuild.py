@@ -38,12 +38,15 @@ def _tucker_outer(half: Tensor, out_factor: Tensor) -> Tensor:
 
 # Rows of ΔW built per step: the Hadamard product needs each branch only one chunk at a time,
 # so building a layer's ΔW holds that ΔW plus two chunks, not three full-size products.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 21
 
 
-def row_chunks(rows: int, row_size: int, start: int = 0) -> list[slice]:
-    """Slices of ``rows`` (from ``start``) holding about ``CHUNK_ELEMENTS`` elements each."""
+def row_chunks(rows: int, row_size: int, start: int = 0, align: int = 1) -> list[slice]:
+    """Slices of ``rows`` (from ``start``) holding about ``CHUNK_ELEMENTS`` elements each, a
+    multiple of ``align`` rows long where a multiple fits (LoKr: whole Kronecker blocks)."""
     step = max(1, CHUNK_ELEMENTS // max(1, row_size))
+    if align > 1 and step >= align:
+        step -= step % align
     return [slice(p, min(p + step, rows)) for p in range(start, rows, step)]
 
 
@@ -100,8 +103,8 @@ def kron_rows(w1: Tensor, w2: Tensor, start: int, stop: int) -> Tensor:
 
     Row ``i·b + q`` (b = rows of w2) is ``w1[i] ⊗ w2[q]``: each w1 row contributes one block."""
     b = w2.shape[0]
-    if start == 0 and stop == w1.shape[0] * b:
-        return kron(w1, w2).reshape(stop, -1)
+    if start % b == 0 and stop % b == 0:  # whole blocks: one kron
+        return kron(w1[start // b: stop // b], w2).reshape(stop - start, -1)
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     pieces = []
