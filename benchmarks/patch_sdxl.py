@@ -290,6 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated subset of " + ", ".join(ADAPTERS))
+    parser.add_argument("--peer-reps", type=int, default=1, help="repetitions for the (slow) LyCORIS peer")
     parser.add_argument("--no-lycoris", action="store_true", help="skip the LyCORIS peer")
     parser.add_argument("--scaling", action="store_true", help="also time rank 4..128 and 1..8 stacked adapters")
     parser.add_argument("--json", help="write all figures to this file")
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
         flops, bytes_min = adapter_cost(adapter, layout, dtype)
         bound = max(flops / peaks["gemm_flops"], bytes_min / peaks["bandwidth"])
         ours = run_lohakr(parts, path, timer, args.reps)
-        peer = {} if args.no_lycoris else run_lycoris(parts, path, timer, args.reps, device, dtype)
+        peer = {} if args.no_lycoris else run_lycoris(parts, path, timer, args.peer_reps, device, dtype)
         entry = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops, "bytes_min": bytes_min,
                  "lower_bound_s": bound, "lohakr": ours, "lycoris": peer}
         report["adapters"][name] = entry
