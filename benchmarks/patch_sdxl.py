@@ -101,14 +101,13 @@ def build_models(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     from lohakr.loaders.reference_models import build_components
 
     parts = build_components("sdxl", "meta")
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     for part in parts.values():
         part.to(dtype)
         part.to_empty(device=device)
         with torch.no_grad():
             for p in part.parameters():
-                chunk = torch.empty(p.shape, dtype=torch.float32).normal_(0, 0.02, generator=g)
-                p.copy_(chunk)
+                p.normal_(0, 0.02, generator=g)
         part.eval().requires_grad_(False)
     return parts
 
@@ -211,10 +210,11 @@ def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float]:
 
 
 # -- the runs ------------------------------------------------------------------------------------
-def run_lohakr(parts, path, timer, reps):
+def run_lohakr(parts, path, timer, reps, keep_originals_on="cpu"):
     import lohakr
 
-    pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}))
+    pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}),
+                         keep_originals_on=keep_originals_on)
     parse, _ = timer(lambda: lohakr.load_adapter(path), reps=reps)
     adapter = lohakr.load_adapter(path)
     results = {"parse_s": parse}
@@ -322,6 +322,8 @@ def main(argv=None) -> int:
         flops, bytes_min = adapter_cost(adapter, layout, dtype)
         bound = max(flops / peaks["gemm_flops"], bytes_min / peaks["bandwidth"])
         ours = run_lohakr(parts, path, timer, args.reps)
+        if device.startswith("cuda"):
+            ours["originals_on_gpu"] = run_lohakr(parts, path, timer, args.reps, keep_originals_on=None)
         peer = {} if args.no_lycoris else run_lycoris(parts, path, timer, args.peer_reps, device, dtype)
         entry = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops, "bytes_min": bytes_min,
                  "lower_bound_s": bound, "lohakr": ours, "lycoris": peer}
@@ -331,6 +333,10 @@ def main(argv=None) -> int:
         print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
               f"({ours['load_patch_s'] / bound:.2f}× bound)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}"
               f"  peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB (originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB)")
+        if "originals_on_gpu" in ours:
+            same = ours["originals_on_gpu"]
+            print(f"  lohakr, originals kept on the GPU: load+patch {fmt_s(same['load_patch_s'])}  strength "
+                  f"{fmt_s(same['strength_s'])}  unload {fmt_s(same['unload_s'])}")
         if peer.get("load_patch_s"):
             print(f"  LyCORIS  create_network_from_weights + merge_to {fmt_s(peer['load_patch_s'])} "
                   f"({peer['load_patch_s'] / ours['load_patch_s']:.1f}× lohakr)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")

@@ -109,8 +109,13 @@ class LycorisLoaderMixin:
         ]
 
 
-def enable(pipe: Any) -> Any:
-    """Give an existing pipeline instance the ``LycorisLoaderMixin`` methods; returns it."""
+def enable(pipe: Any, *, keep_originals_on: str | None = "cpu") -> Any:
+    """Give an existing pipeline instance the ``LycorisLoaderMixin`` methods; returns it.
+
+    ``keep_originals_on``: where the original weights are kept for exact unloading, ``"cpu"``
+    (default: no extra GPU memory) or ``None`` for the weights' own device (fastest on a GPU with
+    memory to spare)."""
+    pipe.__dict__["_lohakr_keep_originals_on"] = keep_originals_on
     for name in ("load_lycoris", "load_loha", "load_lokr", "set_lycoris_strength", "unload_lycoris",
                  "lycoris_adapters"):
         setattr(pipe, name, types.MethodType(getattr(LycorisLoaderMixin, name), pipe))
@@ -145,7 +150,7 @@ def pipeline_layout(pipe: Any) -> ModelLayout:
 def _patcher(pipe: Any) -> WeightPatcher:
     patcher = pipe.__dict__.get("_lohakr_patcher")
     if patcher is None:
-        patcher = WeightPatcher()
+        patcher = WeightPatcher(pipe.__dict__.get("_lohakr_keep_originals_on", "cpu"))
         pipe.__dict__["_lohakr_patcher"] = patcher
     return patcher
 

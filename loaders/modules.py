@@ -219,8 +219,9 @@ class AdapterModule:
         self._check(shape)
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
+            budget = rebuild.GPU_CHUNK_ELEMENTS if weight.device.type == "cuda" else None
             with self.float_factors():
-                for chunk in rebuild.row_chunks(shape[0], rows.shape[1], align=self.row_alignment):
+                for chunk in rebuild.row_chunks(shape[0], rows.shape[1], align=self.row_alignment, budget=budget):
                     self.add_rows(rows[chunk], chunk.start, chunk.stop, strength)
             return weight
         update = self.delta(shape, weight.device)

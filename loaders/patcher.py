@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .blocks import BlockWeights
 from .modules import AdapterModule
 from .names import LayerTarget
-from .rebuild import CHUNK_ELEMENTS, row_chunks
+from .rebuild import CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, row_chunks
 from .report import LoadReport
 from .resolve import Match
 
@@ -63,6 +63,8 @@ class WeightPatcher:
     """Applies adapters to live layers and restores them; see the module docstring."""
 
     def __init__(self, keep_originals_on: str | torch.device | None = "cpu"):
+        """``keep_originals_on``: where originals are kept, ``"cpu"`` (default: no extra GPU memory)
+        or ``None`` for the weight's own device (fastest on a GPU with memory to spare)."""
         self.keep_originals_on = keep_originals_on
         self.adapters: dict[str, PatchedAdapter] = {}
         self._originals: dict[str, _Original] = {}
@@ -156,7 +158,8 @@ class WeightPatcher:
             with contextlib.ExitStack() as stack:
                 for _, module, _ in contributions:
                     stack.enter_context(module.float_factors())
-                for chunk in row_chunks(out_dim, rows.shape[1], align=align):
+                budget = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+                for chunk in row_chunks(out_dim, rows.shape[1], align=align, budget=budget):
                     work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
                     work.copy_(original[chunk])
                     for _, module, strength in contributions:

@@ -39,12 +39,14 @@ def _tucker_outer(half: Tensor, out_factor: Tensor) -> Tensor:
 # Rows of ΔW built per step: the Hadamard product needs each branch only one chunk at a time,
 # so building a layer's ΔW holds that ΔW plus two chunks, not three full-size products.
 CHUNK_ELEMENTS = 1 << 21
+# On a GPU, kernel launches cost more than memory: build a layer in one block up to this size.
+GPU_CHUNK_ELEMENTS = 1 << 27
 
 
-def row_chunks(rows: int, row_size: int, start: int = 0, align: int = 1) -> list[slice]:
-    """Slices of ``rows`` (from ``start``) holding about ``CHUNK_ELEMENTS`` elements each, a
-    multiple of ``align`` rows long where a multiple fits (LoKr: whole Kronecker blocks)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, row_size))
+def row_chunks(rows: int, row_size: int, start: int = 0, align: int = 1, budget: int | None = None) -> list[slice]:
+    """Slices of ``rows`` (from ``start``) holding about ``budget`` (default ``CHUNK_ELEMENTS``)
+    elements each, a multiple of ``align`` rows long where a multiple fits (LoKr: whole blocks)."""
+    step = max(1, (budget or CHUNK_ELEMENTS) // max(1, row_size))
     if align > 1 and step >= align:
         step -= step % align
     return [slice(p, min(p + step, rows)) for p in range(start, rows, step)]
