@@ -124,11 +124,17 @@ def lycoris_preset(directory: Path) -> str:
     return str(path)
 
 
+def cached_adapter_file(name: str, config: dict) -> Path:
+    import hashlib
+
+    tag = "_".join(f"{k}{v}" for k, v in sorted(config.items()))
+    return CACHE / f"{name}__{hashlib.sha1(tag.encode()).hexdigest()[:10]}.safetensors"
+
+
 def make_adapter_file(parts: dict, name: str, config: dict) -> Path:
     """A real lycoris-lora file for these models (cached by name and config)."""
     CACHE.mkdir(exist_ok=True)
-    tag = "_".join(f"{k}{v}" for k, v in sorted(config.items()))
-    path = CACHE / f"{name}__{abs(hash(tag)) % 10**8}.safetensors"
+    path = cached_adapter_file(name, config)
     if path.exists():
         return path
     from lycoris.kohya import create_network
@@ -238,9 +244,12 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="cpu"):
 
 def run_lycoris(parts, path, timer, reps, device, dtype):
     """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r, spec D9)."""
-    from lycoris.kohya import create_network_from_weights
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.utils.preset import read_preset
     from safetensors.torch import load_file
 
+    # Its default "full" preset fails on diffusers UNets ("duplicated lora name"); use the fixed one.
+    LycorisNetworkKohya.apply_preset(read_preset(lycoris_preset(CACHE)))
     te = [parts["text_encoder"], parts["text_encoder_2"]]
     snapshot = {}
     for name, part in parts.items():
@@ -306,6 +315,11 @@ def main(argv=None) -> int:
     report["roofline"] = peaks
     print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32), "
           f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s")
+    names = [n for n in args.adapters.split(",") if n]
+    cached = {name: cached_adapter_file(name, ADAPTERS[name]) for name in names}
+    if all(p.exists() for p in cached.values()):
+        # The ComfyUI peer runs first, in its own process, while this one holds no model yet.
+        report["comfyui"] = run_comfy(cached, args.dtype, args.reps)
     start = time.perf_counter()
     parts = build_models(dtype, device)
     model_bytes = sum(p.numel() * p.element_size() for part in parts.values() for p in part.parameters())
@@ -314,22 +328,26 @@ def main(argv=None) -> int:
     from lohakr import ModelLayout, load_adapter
 
     layout = ModelLayout.from_diffusers(**parts)
-    names = [n for n in args.adapters.split(",") if n]
     paths = {name: make_adapter_file(parts, name, ADAPTERS[name]) for name in names}
     report["adapters"] = {}
-    for name, path in paths.items():
+    for name, path in paths.items():  # lohakr first, so the peers' memory churn cannot slow it
         adapter = load_adapter(path)
         flops, bytes_min = adapter_cost(adapter, layout, dtype)
         bound = max(flops / peaks["gemm_flops"], bytes_min / peaks["bandwidth"])
         ours = run_lohakr(parts, path, timer, args.reps)
         if device.startswith("cuda"):
             ours["originals_on_gpu"] = run_lohakr(parts, path, timer, args.reps, keep_originals_on=None)
-        peer = {} if args.no_lycoris else run_lycoris(parts, path, timer, args.peer_reps, device, dtype)
-        entry = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops, "bytes_min": bytes_min,
-                 "lower_bound_s": bound, "lohakr": ours, "lycoris": peer}
-        report["adapters"][name] = entry
-        print(f"\n{name}: {len(adapter)} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
-              f"({flops / 1e9:.0f} GFLOP, {bytes_min / 2**30:.2f} GiB moved)")
+        report["adapters"][name] = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops,
+                                    "bytes_min": bytes_min, "lower_bound_s": bound, "lohakr": ours}
+        del adapter
+    gc.collect()
+    for name, path in paths.items():
+        report["adapters"][name]["lycoris"] = {} if args.no_lycoris else run_lycoris(
+            parts, path, timer, args.peer_reps, device, dtype)
+    for name, entry in report["adapters"].items():
+        ours, peer, bound = entry["lohakr"], entry["lycoris"], entry["lower_bound_s"]
+        print(f"\n{name}: {entry['modules']} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
+              f"({entry['flops'] / 1e9:.0f} GFLOP, {entry['bytes_min'] / 2**30:.2f} GiB moved)")
         print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
               f"({ours['load_patch_s'] / bound:.2f}× bound)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}"
               f"  peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB (originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB)")
@@ -342,17 +360,17 @@ def main(argv=None) -> int:
                   f"({peer['load_patch_s'] / ours['load_patch_s']:.1f}× lohakr)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
         elif peer:
             print(f"  LyCORIS  {peer.get('error')}")
+        comfy = report.get("comfyui", {}).get("adapters", {}).get(name)
+        if comfy:
+            print(f"  ComfyUI  patch_model: native LoraLoader {fmt_s(comfy.get('native_s', comfy.get('native_error')))}, "
+                  f"lohakr nodes {fmt_s(comfy.get('lohakr_s'))}")
     if args.scaling:
         report["scaling"] = scaling(parts, timer, device)
-    del parts
-    gc.collect()
-    report["comfyui"] = run_comfy(paths, args.dtype, args.reps)
-    if "adapters" in report["comfyui"]:
-        for name, figures in report["comfyui"]["adapters"].items():
-            ours = report["adapters"][name]["lohakr"]["load_patch_s"]
-            print(f"  ComfyUI {name}: native LoraLoader {fmt_s(figures.get('native_s', figures.get('native_error')))}, "
-                  f"lohakr nodes {fmt_s(figures.get('lohakr_s'))}")
-    elif report["comfyui"]:
+    if "comfyui" not in report:
+        del parts
+        gc.collect()
+        report["comfyui"] = run_comfy(paths, args.dtype, args.reps)
+    if "adapters" not in report["comfyui"]:
         print(f"\nComfyUI: {report['comfyui']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))

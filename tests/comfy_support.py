@@ -106,3 +106,12 @@ def diffusers_twin(unet_state: dict[str, torch.Tensor], clip_state: dict[str, to
                 inner = path if path.startswith("text_model.") or path == "text_projection" else "text_model." + path
                 layer.weight.copy_(clip_state[f"{prefix}.transformer.{inner}.weight"])
     return unet, te1, te2
+
+
+def comfy_key(target, sgm) -> str:
+    """The ComfyUI state-dict key (CLIP keys prefixed ``clip:``) of a diffusers-layout target."""
+    if target.component == "unet":
+        return f"diffusion_model.{sgm.to_sgm(target.path)}.weight"
+    prefix = "clip_l" if target.component == "text_encoder" else "clip_g"
+    inner = target.path if target.path.startswith(("text_model.", "text_projection")) else "text_model." + target.path
+    return f"clip:{prefix}.transformer.{inner}.weight"

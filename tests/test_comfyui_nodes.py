@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_support import build_tiny_sdxl, diffusers_twin, import_comfy, require_comfyui
+from comfy_support import build_tiny_sdxl, comfy_key, diffusers_twin, import_comfy, require_comfyui
 
 require_comfyui()
 
@@ -284,12 +284,7 @@ def test_same_weights_as_the_diffusers_side(comfy):
     patcher.add(PatchedAdapter("x", matches, report, {"unet": 0.9, "text_encoder": 0.6, "text_encoder_2": 0.6}))
     sgm = SgmNames(unet)
     for m in matches:
-        if m.target.component == "unet":
-            key = f"diffusion_model.{sgm.to_sgm(m.target.path)}.weight"
-        else:
-            prefix = "clip_l" if m.target.component == "text_encoder" else "clip_g"
-            inner = m.target.path if m.target.path.startswith(("text_model.", "text_projection")) else "text_model." + m.target.path
-            key = f"clip:{prefix}.transformer.{inner}.weight"
+        key = comfy_key(m.target, sgm)
         assert_close(comfy_state[key], m.target.layer.weight.detach(), key)
 
 

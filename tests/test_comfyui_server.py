@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_support import diffusers_twin, require_comfyui
+from comfy_support import comfy_key, diffusers_twin, require_comfyui
 
 require_comfyui()
 
@@ -99,12 +99,7 @@ def test_graph_samples_with_the_adapter_and_matches_diffusers(server):
     sgm = SgmNames(unet)
     patched = results[1.0][0]
     for m in matches:
-        if m.target.component == "unet":
-            key = f"diffusion_model.{sgm.to_sgm(m.target.path)}.weight"
-        else:
-            prefix = "clip_l" if m.target.component == "text_encoder" else "clip_g"
-            inner = m.target.path if m.target.path.startswith(("text_model.", "text_projection")) else "text_model." + m.target.path
-            key = f"clip:{prefix}.transformer.{inner}.weight"
+        key = comfy_key(m.target, sgm)
         ours = m.target.layer.weight.detach()
         err = float((patched[key] - ours).abs().max())
         assert err <= 1e-5 * float(ours.abs().max()), (key, err)
