@@ -75,6 +75,8 @@ def build_tiny_sdxl(seed: int = 0):
     with torch.no_grad():
         for p in list(model.parameters()) + list(clip.cond_stage_model.parameters()):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.requires_grad_(False)  # as ComfyUI's checkpoint loaders leave it
+    clip.cond_stage_model.requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return patcher, clip

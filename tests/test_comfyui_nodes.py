@@ -300,3 +300,33 @@ def test_registration_uses_one_api(comfy, monkeypatch):
                                                  "LohakrApplyStack", "LohakrInfo"}
     inputs = names["NODE_CLASS_MAPPINGS"]["LohakrLoader"].INPUT_TYPES()
     assert "clip" in inputs["optional"] and inputs["required"]["strength_clip"][1]["min"] == -100.0
+
+
+def test_fp8_weights_are_patched_through_comfyui(comfy):
+    """fp8 (e4m3fn) UNet weights: ComfyUI hands our patch a float32 copy and rounds the result back."""
+    from lohakr.nodes.definitions import run_loader
+
+    loras, _ = comfy
+    a = make_file(loras, "lokr", "fp8")
+    model, clip = build_tiny_sdxl()
+    expected = predicted(loras, a, model, clip, 1.0, 1.0)
+    import comfy.utils
+
+    keys = [k for k in expected if k.startswith("diffusion_model.")]
+    with torch.no_grad():
+        for key in keys:  # store the patched layers' weights in fp8, as fp8 checkpoints do
+            layer = comfy.utils.get_attr(model.model, key.rsplit(".", 1)[0])
+            layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+    originals = {k: comfy.utils.get_attr(model.model, k).detach().float().clone() for k in keys}
+    new_model = run_loader(model, a, 1.0, "", clip=None)[0][0]
+    new_model.patch_model(device_to=torch.device("cpu"))
+    try:
+        for key in keys:
+            got = comfy.utils.get_attr(new_model.model, key)
+            assert got.dtype == torch.float8_e4m3fn
+            want = expected[key] - build_state(key).float() + originals[key]  # ΔW on the fp8 base
+            step = torch.clamp(want.abs() / 8, min=2.0 ** -9)  # e4m3: 3 mantissa bits, subnormal step 2^-9
+            assert bool(((got.float() - want).abs() <= step * 1.01).all()), key
+            assert not torch.equal(got.float(), originals[key])
+    finally:
+        new_model.unpatch_model()
