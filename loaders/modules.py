@@ -244,18 +244,6 @@ class AdapterModule:
         self.add_to(work, strength)
         return work.to(base.dtype)
 
-    def describe(self) -> str:
-        bits = [self.kind]
-        if self.rank is not None:
-            bits.append(f"rank {self.rank}")
-        bits.append(f"alpha {self.alpha:g}" if self.alpha is not None else "no alpha")
-        bits.append(f"scale {self.scale:g}")
-        if self.tucker:
-            bits.append("tucker")
-        if self.dora:
-            bits.append("dora")
-        return ", ".join(bits)
-
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"

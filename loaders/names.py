@@ -73,9 +73,6 @@ class ModelLayout:
         key = self.aliases.get(module_name)
         return self.targets[key] if key is not None else None
 
-    def text_encoder_blocks(self) -> list[str]:
-        return [b for b in self.blocks if b.startswith("TE")]
-
     def register(self, target: LayerTarget, names: list[str]) -> None:
         self.targets[target.key] = target
         for name in names:

@@ -96,14 +96,6 @@ class WeightPatcher:
         adapter = self.adapters.pop(name)
         self._recompute({m.target.key: m.target for m in adapter.matches}.values(), progress)
 
-    def remove_all(self) -> None:
-        for name in list(self.adapters):
-            self.remove(name)
-
-    def original_weight(self, key: str) -> Tensor | None:
-        kept = self._originals.get(key)
-        return kept.weight if kept else None
-
     @property
     def kept_bytes(self) -> int:
         return sum(o.weight.numel() * o.weight.element_size()

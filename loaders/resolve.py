@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .adapter import KIND_NAMES, Adapter
+from .adapter import Adapter
 from .errors import BaseModelMismatchError, StrictLoadError
 from .metadata import BASE_MODEL_NAMES
 from .modules import AdapterModule
@@ -112,6 +112,3 @@ def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: Load
 def article(name: str) -> str:
     return ("an " if name[:1] in "AEFHILMNORSX" else "a ") + name
 
-
-def kinds_text(kinds: set[str]) -> str:
-    return ", ".join(KIND_NAMES[k] for k in sorted(kinds))
