@@ -228,3 +228,21 @@ def test_building_a_delta_holds_about_one_layer(tucker):
     # The naive (w1_a@w1_b)*(w2_a@w2_b) holds three layer-sized tensors; we hold one plus chunks.
     assert layer_bytes <= peak <= layer_bytes + 3 * CHUNK_ELEMENTS * 4, peak / layer_bytes
     assert peak < 2 * layer_bytes
+
+
+def test_adapter_cache_rereads_only_changed_files(tmp_path):
+    import os
+
+    from lohakr.loaders.adapter import AdapterCache
+
+    cache = AdapterCache(capacity=2)
+    path = write(tmp_path, loha())
+    first = cache.load(path)
+    assert cache.load(path) is first  # same path, size and mtime: not read again
+    write(tmp_path, loha(alpha=torch.tensor(2.0)))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    second = cache.load(path)
+    assert second is not first and second.modules["lora_unet_x"].alpha == 2.0
+    for i in range(3):
+        cache.load(write(tmp_path, loha(), name=f"other{i}.safetensors"))
+    assert cache.load(path) is not second  # evicted beyond capacity
