@@ -48,8 +48,9 @@ class PatchedAdapter:
         return self.component_strength.get(component, 1.0) * self.block_weights(match.block)
 
     @property
-    def target_keys(self) -> set[str]:
-        return {m.target.key for m in self.matches}
+    def targets(self) -> list[LayerTarget]:
+        """Each layer this adapter touches, once."""
+        return list({m.target.key: m.target for m in self.matches}.values())
 
 
 @dataclass(eq=False)
@@ -77,24 +78,22 @@ class WeightPatcher:
         self._counter += 1
         adapter.order = self._counter
         self.adapters[adapter.name] = adapter
-        touched = {m.target.key: m.target for m in adapter.matches}
+        touched = adapter.targets
         try:
-            for target in touched.values():
+            for target in touched:
                 self._keep_original(target)
-            self._recompute(touched.values(), progress)
+            self._recompute(touched, progress)
         except BaseException:
             del self.adapters[adapter.name]
-            self._recompute(touched.values(), None)
+            self._recompute(touched, None)
             raise
 
     def update(self, name: str, progress=None) -> None:
         """Recompute every weight ``name`` touches (after its strengths changed)."""
-        adapter = self.adapters[name]
-        self._recompute({m.target.key: m.target for m in adapter.matches}.values(), progress)
+        self._recompute(self.adapters[name].targets, progress)
 
     def remove(self, name: str, progress=None) -> None:
-        adapter = self.adapters.pop(name)
-        self._recompute({m.target.key: m.target for m in adapter.matches}.values(), progress)
+        self._recompute(self.adapters.pop(name).targets, progress)
 
     @property
     def kept_bytes(self) -> int:
