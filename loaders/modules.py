@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -130,17 +130,22 @@ class AdapterModule:
         t = self.factors.get(key)
         if t is None:
             return None
+        return self._cached(key, device, lambda: t.to(device=device, dtype=torch.float32))
+
+    def _cached(self, key: str, device: torch.device | str | None, build: Callable[[], Tensor]) -> Tensor:
+        """``build()``, kept per device while ``float_factors`` is active (else built every call)."""
         cache = self.__dict__.get("_float_factors")
-        if cache is not None:
-            hit = cache.get((key, str(device)))
-            if hit is None:
-                hit = cache[(key, str(device))] = t.to(device=device, dtype=torch.float32)
-            return hit
-        return t.to(device=device, dtype=torch.float32)
+        if cache is None:
+            return build()
+        hit = cache.get((key, str(device)))
+        if hit is None:
+            hit = cache[(key, str(device))] = build()
+        return hit
 
     @contextlib.contextmanager
     def float_factors(self):
-        """Within this block, factors are cast to float32 once per device, not once per row block."""
+        """Within this block, factors are cast to float32 (and shared intermediates such as Tucker
+        halves built) once per device, not once per row block."""
         self.__dict__["_float_factors"] = {}
         try:
             yield self
@@ -180,9 +185,11 @@ class AdapterModule:
         """Blocks of output rows this module builds best in (LoKr: the rows of w2)."""
         return 1
 
-    def add_rows(self, work: Tensor, start: int, stop: int, strength: float) -> Tensor:
+    def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
+                 scratch: rebuild.Scratch | None = None) -> Tensor:
         """Apply this module at ``strength`` to output rows ``start:stop`` of a weight, given as
-        ``work`` (float32, ``(rows, I·k…)``, modified in place). Same math as ``add_to``."""
+        ``work`` (float32, ``(rows, I·k…)``, modified in place). Same math as ``add_to``.
+        ``scratch``: reusable buffers for intermediates (slots 1 and up; slot 0 is the caller's)."""
         if strength == 0:
             return work
         update = self.product_rows(start, stop, work.device)
@@ -220,9 +227,10 @@ class AdapterModule:
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
             budget = rebuild.GPU_CHUNK_ELEMENTS if weight.device.type == "cuda" else None
+            scratch = rebuild.Scratch()
             with self.float_factors():
                 for chunk in rebuild.row_chunks(shape[0], rows.shape[1], align=self.row_alignment, budget=budget):
-                    self.add_rows(rows[chunk], chunk.start, chunk.stop, strength)
+                    self.add_rows(rows[chunk], chunk.start, chunk.stop, strength, scratch)
             return weight
         update = self.delta(shape, weight.device)
         update.add_(weight)
@@ -326,6 +334,15 @@ class LohaModule(AdapterModule):
     def weight_shape(self) -> tuple[int, ...]:
         return self._branch_shape("1")
 
+    def _branch_factors(self, i: str, device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Branch ``i``'s output factor, 2-D input factor and (Tucker) half, float32 on ``device``."""
+        a, b = self._factor(f"hada_w{i}_a", device), self._factor(f"hada_w{i}_b", device)
+        if not self.tucker:
+            return rebuild.flatten_factor(a), rebuild.flatten_factor(b), None
+        b = rebuild.flatten_factor(b)
+        half = self._cached(f"half{i}", device, lambda: rebuild.tucker_inner(self._factor(f"hada_t{i}", device), b))
+        return a, b, half
+
     def product_rows(self, start, stop, device=None) -> Tensor:
         g = lambda k: self._factor(k, device)  # noqa: E731
         if self.tucker:
@@ -338,6 +355,18 @@ class LohaModule(AdapterModule):
             rebuild.flatten_factor(g("hada_w1_a")), g("hada_w1_b"),
             rebuild.flatten_factor(g("hada_w2_a")), g("hada_w2_b"), start=start, stop=stop,
         )
+
+    def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
+                 scratch: rebuild.Scratch | None = None) -> Tensor:
+        """``work += μ·s·(branch1 ⊙ branch2)[rows]``: both branches built into reused buffers, then
+        one fused multiply-add (no product buffer)."""
+        if strength == 0 or self.dora_scale is not None:
+            return super().add_rows(work, start, stop, strength)
+        scratch = scratch or rebuild.Scratch()
+        branches = [rebuild.loha_branch_rows(*self._branch_factors(i, work.device), start, stop,
+                                             out=scratch.get(work.device, tuple(work.shape), slot=slot))
+                    for slot, i in ((1, "1"), (2, "2"))]
+        return work.addcmul_(*branches, value=strength * self.scale)
 
 
 @dataclass(eq=False)
@@ -385,7 +414,8 @@ class LokrModule(AdapterModule):
     def row_alignment(self) -> int:
         return self.w2_shape[0]
 
-    def add_rows(self, work: Tensor, start: int, stop: int, strength: float) -> Tensor:
+    def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
+                 scratch: rebuild.Scratch | None = None) -> Tensor:
         """``work += μ·s·(w1 ⊗ w2)[rows]`` as one broadcast multiply-add, never materialising the
         Kronecker product, when the rows are whole w2 blocks or lie in one block."""
         b = self.w2_shape[0]
