@@ -1,15 +1,22 @@
 """The patching engine: several adapters on one set of live layers, exact and reversible.
 
-Each touched weight's original is kept once (on the CPU by default). Every change (load, new
-strength, unload) recomputes the touched weights from their originals:
+Each touched weight's original is kept once. Every change (load, new strength, unload)
+recomputes the touched weights from their originals:
 
     W = W0 + Σ_k μ_k · s_k · R_k        (non-DoRA adapters, summed in adapter-name order)
     W ← W + μ·(DoRA(W + s·R) − W)        (then each DoRA adapter, in load order)
 
-in float32, cast once into the live parameter (in place, so hooks and offloading keep working).
-The sum order is fixed by name, so the result does not depend on load order; DoRA depends on
-what it is applied to, so DoRA adapters apply in load order. Unloading the last adapter of a
-weight copies the original back: bit-identical.
+in float32, cast once into the live parameter. The sum order is fixed by name, so the result does
+not depend on load order; DoRA depends on what it is applied to, so DoRA adapters apply in load
+order. Unloading the last adapter of a weight puts the original back: bit-identical.
+
+Where the original stays on the weight's own device, it is not copied at all: the parameter keeps
+its ``Parameter`` object but gets new storage for the patched values, and the old storage *is*
+the kept original (unloading swaps it back). Where originals go elsewhere (a GPU model with
+originals on the CPU), they are copied and the parameter is patched in place.
+
+Several changes can be batched (``with patcher.batch(): ...``): every touched weight is then
+recomputed once at the end, so stacking k adapters costs O(k), not O(k²).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch import Tensor, nn
 from .blocks import BlockWeights
 from .modules import AdapterModule
 from .names import LayerTarget
-from .rebuild import CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, row_chunks
+from .rebuild import CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, Scratch, row_chunks
 from .report import LoadReport
 from .resolve import Match
 
@@ -60,16 +67,26 @@ class _Original:
     bias: Tensor | None
 
 
+# "auto" keeps originals on the GPU only when this much GPU memory stays free afterwards: the larger
+# of 4 GiB and a fifth of the card (room for SDXL activations and the VAE decode).
+AUTO_GPU_MARGIN_BYTES = 4 << 30
+AUTO_GPU_MARGIN_FRACTION = 0.2
+
+
 class WeightPatcher:
     """Applies adapters to live layers and restores them; see the module docstring."""
 
-    def __init__(self, keep_originals_on: str | torch.device | None = "cpu"):
-        """``keep_originals_on``: where originals are kept, ``"cpu"`` (default: no extra GPU memory)
-        or ``None`` for the weight's own device (fastest on a GPU with memory to spare)."""
+    def __init__(self, keep_originals_on: str | torch.device | None = "auto"):
+        """``keep_originals_on``: where originals are kept for exact unloading. ``"auto"`` (default):
+        on the weight's own device when that is the CPU, or a GPU that keeps a safe margin free
+        (fast, no copy); else on the CPU. ``"cpu"``: always on the CPU (no extra GPU memory).
+        ``None``: always on the weight's own device."""
         self.keep_originals_on = keep_originals_on
         self.adapters: dict[str, PatchedAdapter] = {}
         self._originals: dict[str, _Original] = {}
         self._counter = 0
+        self._pending: dict[str, LayerTarget] | None = None  # targets to recompute when a batch ends
+        self._batch_added: list[str] = []
 
     # -- public -------------------------------------------------------------------------------
     def add(self, adapter: PatchedAdapter, progress: Callable[[Iterable], Iterable] | None = None) -> None:
@@ -80,46 +97,98 @@ class WeightPatcher:
         self.adapters[adapter.name] = adapter
         touched = adapter.targets
         try:
-            for target in touched:
-                self._keep_original(target)
+            self._keep_originals(touched)
+            if self._pending is not None:
+                self._pending.update((t.key, t) for t in touched)
+                self._batch_added.append(adapter.name)
+                return
             self._recompute(touched, progress)
         except BaseException:
             del self.adapters[adapter.name]
-            self._recompute(touched, None)
+            if self._pending is None:
+                self._recompute(touched, None)
+            else:
+                self._release_unpatched(touched)
             raise
 
     def update(self, name: str, progress=None) -> None:
         """Recompute every weight ``name`` touches (after its strengths changed)."""
-        self._recompute(self.adapters[name].targets, progress)
+        self._change(self.adapters[name].targets, progress)
 
     def remove(self, name: str, progress=None) -> None:
-        self._recompute(self.adapters.pop(name).targets, progress)
+        self._change(self.adapters.pop(name).targets, progress)
+
+    @contextlib.contextmanager
+    def batch(self, progress: Callable[[int], Callable[[Iterable], Iterable] | None] | None = None):
+        """Defer recomputation: adds, updates and removes inside the block only record what they
+        touch; each touched weight is recomputed once when the block ends. If that fails, the
+        adapters added in the block are removed again (weights recomputed without them) and the
+        error is raised. ``progress(total)`` may give a progress wrapper for the final pass."""
+        if self._pending is not None:  # nested: the outer batch does the work
+            yield self
+            return
+        self._pending, self._batch_added = {}, []
+        try:
+            yield self
+        finally:  # also when the block raised: what it did before that is applied
+            pending, added = list(self._pending.values()), self._batch_added
+            self._pending, self._batch_added = None, []
+            try:
+                self._recompute(pending, progress(len(pending)) if progress else None)
+            except BaseException:
+                for name in added:
+                    self.adapters.pop(name, None)
+                self._recompute(pending, None)
+                raise
+
+    @property
+    def in_batch(self) -> bool:
+        return self._pending is not None
 
     @property
     def kept_bytes(self) -> int:
-        return sum(o.weight.numel() * o.weight.element_size()
-                   + (o.bias.numel() * o.bias.element_size() if o.bias is not None else 0)
+        return sum(_nbytes(o.weight) + (_nbytes(o.bias) if o.bias is not None else 0)
                    for o in self._originals.values())
 
     # -- internals ------------------------------------------------------------------------------
-    def _keep_original(self, target: LayerTarget) -> None:
-        if target.key in self._originals:
-            return
-        layer = _layer(target)
-        if layer.weight.device.type == "meta":
-            raise ValueError(
-                f"{target.key}: the weight is on the meta device (sequential CPU offload or an "
-                "unloaded model); load adapters before enable_sequential_cpu_offload()"
+    def _change(self, targets: list[LayerTarget], progress) -> None:
+        if self._pending is not None:
+            self._pending.update((t.key, t) for t in targets)
+        else:
+            self._recompute(targets, progress)
+
+    def _keep_originals(self, targets: list[LayerTarget]) -> None:
+        new = [t for t in targets if t.key not in self._originals]
+        for target in new:
+            if _layer(target).weight.device.type == "meta":
+                raise ValueError(
+                    f"{target.key}: the weight is on the meta device (sequential CPU offload or an "
+                    "unloaded model); load adapters before enable_sequential_cpu_offload()"
+                )
+        placement = originals_placement(self.keep_originals_on, [_layer(t).weight for t in new])
+        for target in new:
+            layer = _layer(target)
+            weight = layer.weight.detach()
+            device = placement[weight.device]
+            bias = getattr(layer, "bias", None)
+            self._originals[target.key] = _Original(
+                target,
+                weight if device == weight.device else weight.to(device, copy=True),
+                None if bias is None else bias.detach().to(device, copy=device != bias.device),
             )
-        device = torch.device(self.keep_originals_on or layer.weight.device)
-        weight = _copy_to(layer.weight.detach(), device)
-        bias = _copy_to(layer.bias.detach(), device) if getattr(layer, "bias", None) is not None else None
-        self._originals[target.key] = _Original(target, weight, bias)
+
+    def _release_unpatched(self, targets: list[LayerTarget]) -> None:
+        """Forget the originals of weights no adapter touches and that were never patched."""
+        touched = {m.target.key for a in self.adapters.values() for m in a.matches}
+        for target in targets:
+            kept = self._originals.get(target.key)
+            if kept is not None and target.key not in touched and _shares(_layer(target).weight, kept.weight):
+                del self._originals[target.key]
 
     def _recompute(self, targets: Iterable[LayerTarget], progress) -> None:
         targets = list(targets)
         index = self._index()
-        scratch = _Scratch()
+        scratch = Scratch()
         iterator: Iterable[LayerTarget] = progress(targets) if progress else targets
         for target in iterator:
             kept = self._originals.get(target.key)
@@ -129,20 +198,23 @@ class WeightPatcher:
             contributions = index.get(target.key, [])
             with torch.no_grad():
                 if not contributions:
-                    layer.weight.copy_(kept.weight)
+                    _restore(layer.weight, kept.weight)
                     if kept.bias is not None:
-                        layer.bias.copy_(kept.bias)
+                        _restore(layer.bias, kept.bias)
                     del self._originals[target.key]
                     continue
                 self._apply(layer, kept, contributions, scratch)
 
-    def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: "_Scratch") -> None:
+    def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: Scratch) -> None:
         """Write ``W0 + Σ contributions`` into the layer: a block of rows at a time through one
-        reused float32 buffer (no layer-sized temporaries), or the whole layer for input-axis DoRA."""
-        weight = layer.weight
-        device, shape = weight.device, tuple(weight.shape)
+        reused float32 buffer (no layer-sized temporaries), or the whole layer for input-axis DoRA.
+        If the live weight still is the kept original, the result goes to new storage instead."""
+        param = layer.weight
+        device, shape = param.device, tuple(param.shape)
+        fresh = _shares(param, kept.weight)
+        weight = torch.empty_like(param) if fresh else param.detach()
         source = kept.weight if kept.weight.device == device else kept.weight.to(device)
-        if weight.is_contiguous() and all(m.works_by_rows(shape) for _, m, _ in contributions):
+        if weight.is_contiguous() and source.is_contiguous() and all(m.works_by_rows(shape) for _, m, _ in contributions):
             out_dim = shape[0]
             rows, original = weight.view(out_dim, -1), source.view(out_dim, -1)
             align = contributions[0][1].row_alignment
@@ -154,7 +226,7 @@ class WeightPatcher:
                     work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
                     work.copy_(original[chunk])
                     for _, module, strength in contributions:
-                        module.add_rows(work, chunk.start, chunk.stop, strength)
+                        module.add_rows(work, chunk.start, chunk.stop, strength, scratch)
                     rows[chunk].copy_(work)
         else:
             work = source.to(device=device, dtype=torch.float32, copy=True)
@@ -162,6 +234,8 @@ class WeightPatcher:
                 module.add_to(work, strength)
             weight.copy_(work)
             del work
+        if fresh:
+            param.data = weight
         if kept.bias is not None:
             bias_work = None
             for _, module, strength in contributions:
@@ -169,7 +243,12 @@ class WeightPatcher:
                     if bias_work is None:
                         bias_work = kept.bias.to(device=device, dtype=torch.float32, copy=True)
                     bias_work.add_(module.bias_delta(device), alpha=strength)
-            layer.bias.copy_(bias_work if bias_work is not None else kept.bias)
+            if bias_work is None:
+                _restore(layer.bias, kept.bias)
+            elif _shares(layer.bias, kept.bias):
+                layer.bias.data = bias_work.to(layer.bias.dtype)
+            else:
+                layer.bias.copy_(bias_work)
 
     def _index(self) -> dict[str, list[tuple[PatchedAdapter, AdapterModule, float]]]:
         plain: dict[str, list] = {}
@@ -188,24 +267,45 @@ class WeightPatcher:
         return iter(self.adapters.values())
 
 
-class _Scratch:
-    """One float32 work buffer per device, reused for every block of rows of every layer."""
+def originals_placement(policy: str | torch.device | None, weights: list[Tensor]) -> dict[torch.device, torch.device]:
+    """Where to keep the originals of ``weights``, per weight device, under ``policy``."""
+    devices = {w.device for w in weights}
+    if policy is None:
+        return {d: d for d in devices}
+    if policy != "auto":
+        return {d: torch.device(policy) for d in devices}
+    placement = {}
+    for device in devices:
+        if device.type != "cuda":
+            placement[device] = device
+            continue
+        needed = sum(_nbytes(w) for w in weights if w.device == device)
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        margin = max(AUTO_GPU_MARGIN_BYTES, int(AUTO_GPU_MARGIN_FRACTION * total))
+        placement[device] = device if free - needed >= margin else torch.device("cpu")
+    return placement
 
-    def __init__(self):
-        self.buffers: dict[torch.device, Tensor] = {}
 
-    def get(self, device: torch.device, shape: tuple[int, int]) -> Tensor:
-        need = shape[0] * shape[1]
-        buffer = self.buffers.get(device)
-        if buffer is None or buffer.numel() < need:
-            buffer = torch.empty(max(need, CHUNK_ELEMENTS), dtype=torch.float32, device=device)
-            self.buffers[device] = buffer
-        return buffer[:need].view(shape)
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
-def _copy_to(tensor: Tensor, device: torch.device) -> Tensor:
-    """A copy on ``device``; ``clone`` when it stays put (the fastest same-device copy)."""
-    return tensor.clone() if tensor.device == device else tensor.to(device, copy=True)
+def _shares(a: Tensor, b: Tensor) -> bool:
+    """True when a live tensor still is its kept original (same memory)."""
+    return a.device == b.device and a.data_ptr() == b.data_ptr()
+
+
+def _restore(param: Tensor, original: Tensor) -> None:
+    """Put the original values back: by swapping the storage in when it fits the parameter as it is
+    now (no copy, bit-identical), else by copying (the model moved or changed dtype since)."""
+    if _shares(param, original):
+        return
+    if (original.device, original.dtype, original.shape, original.stride()) == (
+            param.device, param.dtype, param.shape, param.stride()):
+        param.data = original
+    else:
+        param.copy_(original)
 
 
 def _layer(target: LayerTarget) -> nn.Module:

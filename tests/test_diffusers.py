@@ -297,3 +297,143 @@ def test_model_cpu_offload_on_cuda(lycoris_file, tmp_path):
     pipe("a cat", num_inference_steps=2, height=32, width=32, generator=g, output_type="latent")
     pipe.unload_lycoris()
     assert all(torch.equal(before[k].cpu(), v.cpu()) for k, v in snapshot(pipe).items())
+
+
+# -- batching, storage and placement of originals ---------------------------------------------------
+def count_layer_passes(monkeypatch):
+    """Counts how many times the engine rebuilds a layer."""
+    from lohakr.loaders.patcher import WeightPatcher
+
+    passes = {"n": 0}
+    original_apply = WeightPatcher._apply
+
+    def counting(self, *args, **kwargs):
+        passes["n"] += 1
+        return original_apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(WeightPatcher, "_apply", counting)
+    return passes
+
+
+def test_batch_equals_one_by_one_with_one_pass_per_layer(lycoris_file, tmp_path, monkeypatch):
+    files = [lycoris_file("sdxl", v).path for v in ("loha", "lokr_f4", "loha_tucker")]
+    one_by_one, batched = make_pipe("sdxl", tmp_path), make_pipe("sdxl", tmp_path)
+    passes = count_layer_passes(monkeypatch)
+    for i, path in enumerate(files):
+        one_by_one.load_lycoris(path, f"a{i}", strength=0.5 + i)
+    sequential_passes, passes["n"] = passes["n"], 0
+    _, untouched = layer_weights(batched)
+    with batched.lycoris_batch():
+        for i, path in enumerate(files):
+            batched.load_lycoris(path, f"a{i}", strength=0.5 + i)
+        _, inside = layer_weights(batched)
+        assert all(torch.equal(inside[k], untouched[k]) for k in inside)  # nothing changes before the end
+    touched = {m.target.key for a in batched._lohakr_patcher for m in a.matches}
+    assert passes["n"] == len(touched) < sequential_passes
+    _, w1 = layer_weights(one_by_one)
+    _, w2 = layer_weights(batched)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    with batched.lycoris_batch():  # strength changes and unloads batch too
+        batched.set_lycoris_strength("a0", 0.25)
+        batched.unload_lycoris("a1")
+    one_by_one.set_lycoris_strength("a0", 0.25)
+    one_by_one.unload_lycoris("a1")
+    _, w1 = layer_weights(one_by_one)
+    _, w2 = layer_weights(batched)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_batch_failing_at_the_end_removes_its_adapters(lycoris_file, tmp_path, monkeypatch):
+    from lohakr.loaders.modules import LokrModule
+
+    pipe = make_pipe("sdxl", tmp_path)
+    pipe.load_loha(lycoris_file("sdxl", "loha").path, "kept")
+    before = snapshot(pipe)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(LokrModule, "add_rows", broken)
+    monkeypatch.setattr(LokrModule, "add_to", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with pipe.lycoris_batch():
+            pipe.load_loha(lycoris_file("sdxl", "loha_tucker").path, "new1")
+            pipe.load_lokr(lycoris_file("sdxl", "lokr_f4").path, "new2")
+    assert [a["name"] for a in pipe.lycoris_adapters()] == ["kept"]
+    after = snapshot(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_batch_applies_what_succeeded_before_an_error(lycoris_file, tmp_path):
+    pipe, reference = make_pipe("sdxl", tmp_path), make_pipe("sdxl", tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(LohakrError, match="bad.safetensors"):
+        with pipe.lycoris_batch():
+            pipe.load_loha(lycoris_file("sdxl", "loha").path, "good")
+            pipe.load_loha(bad)
+    reference.load_loha(lycoris_file("sdxl", "loha").path, "good")
+    _, w1 = layer_weights(pipe)
+    _, w2 = layer_weights(reference)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_originals_beside_the_weights_are_kept_without_a_copy(lycoris_file, tmp_path):
+    pipe = make_pipe("sdxl", tmp_path, torch.float16)
+    layout = pipeline_layout(pipe)
+    params = {key: t.layer.weight for key, t in layout.targets.items()}
+    pointers = {key: p.data_ptr() for key, p in params.items()}
+    values = {key: p.detach().clone() for key, p in params.items()}
+    pipe.load_loha(lycoris_file("sdxl", "loha_tucker").path)
+    patcher = pipe._lohakr_patcher
+    assert patcher._originals
+    for key, kept in patcher._originals.items():
+        assert kept.weight.data_ptr() == pointers[key]  # the original storage itself, not a copy
+        assert params[key].data_ptr() != pointers[key]  # the layer got new storage for the patch
+        assert layout.targets[key].layer.weight is params[key]  # same Parameter object
+    pipe.set_lycoris_strength(pipe.lycoris_adapters()[0]["name"], 0.3)
+    pipe.unload_lycoris()
+    for key, p in params.items():
+        assert layout.targets[key].layer.weight is p
+        assert p.data_ptr() == pointers[key] and torch.equal(p, values[key])
+    assert patcher.kept_bytes == 0
+
+
+def test_unload_after_the_model_moved_copies_back_exactly(lycoris_file, tmp_path):
+    pipe = make_pipe("sdxl", tmp_path, torch.float16)
+    before = snapshot(pipe)
+    pipe.load_lokr(lycoris_file("sdxl", "lokr_tucker").path)
+    for component in COMPONENTS:  # what .to(device) does: every parameter gets new storage
+        for p in getattr(pipe, component).parameters():
+            p.data = p.data.clone()
+    pipe.set_lycoris_strength(pipe.lycoris_adapters()[0]["name"], 0.5)
+    pipe.unet.to(torch.float32)  # a dtype change: the originals no longer fit, they are copied in
+    pipe.unload_lycoris()
+    after = snapshot(pipe)
+    assert all(after[k].dtype == (torch.float32 if k.startswith("unet.") else torch.float16) for k in after)
+    assert all(torch.equal(before[k].to(after[k].dtype), after[k]) for k in before)
+
+
+def test_auto_keeps_originals_on_a_gpu_only_with_room_to_spare(monkeypatch):
+    from types import SimpleNamespace
+
+    from lohakr.loaders import patcher
+
+    gib = 1 << 30
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    weights = [SimpleNamespace(device=gpu, numel=lambda: gib, element_size=lambda: 2),  # 2 GiB
+               SimpleNamespace(device=cpu, numel=lambda: 10, element_size=lambda: 4)]
+    memory = {"free": 0, "total": 80 * gib, "reserved": 0, "allocated": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], memory["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["allocated"])
+    memory["free"] = 40 * gib  # 38 GiB left after keeping them: room
+    assert patcher.originals_placement("auto", weights) == {gpu: gpu, cpu: cpu}
+    memory["free"] = 17 * gib  # 15 GiB left < a fifth of 80 GiB
+    assert patcher.originals_placement("auto", weights)[gpu] == cpu
+    memory["reserved"], memory["allocated"] = 10 * gib, 4 * gib  # the allocator's cached blocks count as free
+    assert patcher.originals_placement("auto", weights)[gpu] == gpu
+    memory.update(free=5 * gib, total=12 * gib, reserved=0, allocated=0)  # 3 GiB left < 4 GiB
+    assert patcher.originals_placement("auto", weights)[gpu] == cpu
+    assert patcher.originals_placement("cpu", weights) == {gpu: cpu, cpu: cpu}
+    assert patcher.originals_placement(None, weights) == {gpu: gpu, cpu: cpu}
