@@ -3,7 +3,7 @@ full-size SDXL built with ComfyUI's classes (seeded random weights), then the sa
 ComfyUI's native LoraLoader path and by our nodes, timing ComfyUI's patch_model (where the weights
 are actually patched). Prints one JSON line.
 
-    python benchmarks/comfy_peer.py COMFYUI_DIR fp16 REPS '{"name": "path", ...}'
+    python benchmarks/comfy_peer.py COMFYUI_DIR fp16 REPS WARMUP '{"name": "path", ...}'
 """
 
 import json
@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-comfy_dir, dtype_name, reps, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+comfy_dir, dtype_name, reps, warmup, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
 sys.path.insert(0, comfy_dir)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -47,15 +47,17 @@ def build():
 
 
 def timed_patch(patcher):
+    """Median, min and max of ``reps`` timed patch_model calls after ``warmup`` untimed ones."""
     times = []
-    for _ in range(reps):
+    for i in range(warmup + reps):
         start = time.perf_counter()
         patcher.patch_model(device_to=mm.get_torch_device())
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
         patcher.unpatch_model(device_to=patcher.offload_device)
-    return statistics.median(times)
+    return statistics.median(times), min(times), max(times)
 
 
 from lohakr.nodes.comfy_bridge import StackItem, apply_stack  # noqa: E402
@@ -67,10 +69,10 @@ for name, path in files.items():
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     try:
         native, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
-        figures["native_s"] = timed_patch(native)
+        figures["native_s"], figures["native_min_s"], figures["native_max_s"] = timed_patch(native)
     except Exception as err:  # noqa: BLE001 - report the peer's failure
         figures["native_error"] = f"{type(err).__name__}: {str(err)[:160]}"
     ours, _, _ = apply_stack(base, None, [StackItem(path, 1.0, 0.0)])
-    figures["lohakr_s"] = timed_patch(ours)
+    figures["lohakr_s"], figures["lohakr_min_s"], figures["lohakr_max_s"] = timed_patch(ours)
     result["adapters"][name] = figures
 print(json.dumps(result))

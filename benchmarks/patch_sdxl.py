@@ -70,12 +70,21 @@ def sync(device: str) -> None:
 
 
 class Timer:
-    """Median wall time of a callable; also the peak memory it added (RSS on CPU, allocator on CUDA)."""
+    """Median wall time of a callable; also the peak memory it added (RSS on CPU, allocator on CUDA).
+    Every run's time is kept in ``runs`` (label → list), for the spread."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, warmup: int = 1):
         self.device = device
+        self.warmup = warmup
+        self.runs: dict[str, list[float]] = {}
 
-    def __call__(self, fn, setup=None, reps: int = 3):
+    def __call__(self, fn, setup=None, reps: int = 3, label: str | None = None, warmup: int | None = None):
+        """``warmup`` untimed runs first (default: the timer's): on a VM the first touch of fresh
+        memory can cost more than the work itself, and that is the host's, not the code's."""
+        for _ in range(self.warmup if warmup is None else warmup):
+            if setup:
+                setup()
+            fn()
         times, peaks = [], []
         for _ in range(reps):
             if setup:
@@ -94,6 +103,8 @@ class Timer:
             times.append(time.perf_counter() - start)
             peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else peak_bytes()
             peaks.append(max(0, peak - base))
+        if label:
+            self.runs[label] = times
         return statistics.median(times), max(peaks)
 
 
@@ -187,8 +198,9 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
     return {"gemm_flops": flops, "bandwidth": bandwidth}
 
 
-def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float]:
-    """FLOPs to rebuild every ΔW and the minimum bytes (read + write each touched weight once)."""
+def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float, int]:
+    """FLOPs to rebuild every ΔW, the minimum bytes (read + write each touched weight once) and
+    the float32 size of the largest touched layer's ΔW (the memory target's allowance)."""
     from lohakr import resolve
 
     matches, _ = resolve(adapter, layout, check_base_model=False)
@@ -213,16 +225,16 @@ def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float]:
         flops += 2 * numel  # scale and add
         touched[m.target.key] = numel
     bytes_min = 2 * sum(touched.values()) * torch.tensor([], dtype=dtype).element_size()
-    return flops, bytes_min
+    return flops, bytes_min, int(4 * max(touched.values()))
 
 
 # -- the runs ------------------------------------------------------------------------------------
-def run_lohakr(parts, path, timer, reps, keep_originals_on="cpu"):
+def run_lohakr(parts, path, timer, reps, keep_originals_on="auto", tag=""):
     import lohakr
 
     pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}),
                          keep_originals_on=keep_originals_on)
-    parse, _ = timer(lambda: lohakr.load_adapter(path), reps=reps)
+    parse, _ = timer(lambda: lohakr.load_adapter(path), reps=reps, label=f"{tag}parse")
     adapter = lohakr.load_adapter(path)
     results = {"parse_s": parse}
 
@@ -230,20 +242,23 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="cpu"):
         if pipe.lycoris_adapters():
             pipe.unload_lycoris()
 
-    load, peak = timer(lambda: pipe.load_lycoris(adapter, "bench"), setup=unload, reps=reps)
+    load, peak = timer(lambda: pipe.load_lycoris(adapter, "bench"), setup=unload, reps=reps, label=f"{tag}load")
     results.update(load_patch_s=load, peak_extra_bytes=peak)
-    results["strength_s"], _ = timer(lambda: pipe.set_lycoris_strength("bench", 0.5), reps=reps)
+    results["strength_s"], _ = timer(lambda: pipe.set_lycoris_strength("bench", 0.5), reps=reps,
+                                     label=f"{tag}strength")
     results["kept_originals_bytes"] = pipe.__dict__["_lohakr_patcher"].kept_bytes
 
     def reload():
         unload()
         pipe.load_lycoris(adapter, "bench")
 
-    results["unload_s"], _ = timer(lambda: pipe.unload_lycoris("bench"), setup=reload, reps=reps)
+    results["unload_s"], _ = timer(lambda: pipe.unload_lycoris("bench"), setup=reload, reps=reps,
+                                   label=f"{tag}unload")
+    results["runs"] = {k[len(tag):]: v for k, v in timer.runs.items() if k.startswith(tag)}
     return results
 
 
-def run_lycoris(parts, path, timer, reps, device, dtype):
+def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
     """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r, spec D9)."""
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
     from lycoris.utils.preset import read_preset
@@ -268,7 +283,7 @@ def run_lycoris(parts, path, timer, reps, device, dtype):
         network.merge_to(te, parts["unet"], weights, dtype, device)
 
     try:
-        total, peak = timer(merge, setup=restore, reps=reps)
+        total, peak = timer(merge, setup=restore, reps=reps, warmup=warmup, label=f"lycoris:{path.name}")
         result = {"load_patch_s": total, "peak_extra_bytes": peak}
     except Exception as err:  # noqa: BLE001 - a peer failing on its own files is a result to report
         result = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
@@ -278,12 +293,12 @@ def run_lycoris(parts, path, timer, reps, device, dtype):
     return result
 
 
-def run_comfy(paths: dict, dtype: str, reps: int) -> dict:
+def run_comfy(paths: dict, dtype: str, reps: int, warmup: int) -> dict:
     comfy = os.environ.get("COMFYUI_DIR")
     if not comfy:
         return {"skipped": "COMFYUI_DIR not set"}
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, str(HERE / "comfy_peer.py"), comfy, dtype, str(reps), json.dumps({k: str(v) for k, v in paths.items()})],
+    out = subprocess.run([python, str(HERE / "comfy_peer.py"), comfy, dtype, str(reps), str(warmup), json.dumps({k: str(v) for k, v in paths.items()})],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         return {"error": out.stderr[-800:]}
@@ -300,14 +315,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated subset of " + ", ".join(ADAPTERS))
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each timed measurement")
     parser.add_argument("--peer-reps", type=int, default=1, help="repetitions for the (slow) LyCORIS peer")
+    parser.add_argument("--peer-warmup", type=int, default=1, help="untimed LyCORIS runs first (0 saves minutes)")
     parser.add_argument("--no-lycoris", action="store_true", help="skip the LyCORIS peer")
     parser.add_argument("--scaling", action="store_true", help="also time rank 4..128 and 1..8 stacked adapters")
     parser.add_argument("--json", help="write all figures to this file")
     args = parser.parse_args(argv)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = args.device
-    timer = Timer(device)
+    timer = Timer(device, args.warmup)
     report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "device": device,
                                 "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
@@ -320,7 +337,7 @@ def main(argv=None) -> int:
     cached = {name: cached_adapter_file(name, ADAPTERS[name]) for name in names}
     if all(p.exists() for p in cached.values()):
         # The ComfyUI peer runs first, in its own process, while this one holds no model yet.
-        report["comfyui"] = run_comfy(cached, args.dtype, args.reps)
+        report["comfyui"] = run_comfy(cached, args.dtype, args.reps, args.warmup)
     start = time.perf_counter()
     parts = build_models(dtype, device)
     model_bytes = sum(p.numel() * p.element_size() for part in parts.values() for p in part.parameters())
@@ -333,29 +350,36 @@ def main(argv=None) -> int:
     report["adapters"] = {}
     for name, path in paths.items():  # lohakr first, so the peers' memory churn cannot slow it
         adapter = load_adapter(path)
-        flops, bytes_min = adapter_cost(adapter, layout, dtype)
+        flops, bytes_min, layer_delta = adapter_cost(adapter, layout, dtype)
         bound = max(flops / peaks["gemm_flops"], bytes_min / peaks["bandwidth"])
-        ours = run_lohakr(parts, path, timer, args.reps)
+        ours = run_lohakr(parts, path, timer, args.reps, tag=f"{name}:")
         if device.startswith("cuda"):
-            ours["originals_on_gpu"] = run_lohakr(parts, path, timer, args.reps, keep_originals_on=None)
+            ours["originals_on_cpu"] = run_lohakr(parts, path, timer, args.reps, keep_originals_on="cpu",
+                                                  tag=f"{name}:cpu:")
         report["adapters"][name] = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops,
-                                    "bytes_min": bytes_min, "lower_bound_s": bound, "lohakr": ours}
+                                    "bytes_min": bytes_min, "lower_bound_s": bound, "largest_layer_delta_bytes": layer_delta,
+                                    "lohakr": ours}
         del adapter
     gc.collect()
     for name, path in paths.items():
         report["adapters"][name]["lycoris"] = {} if args.no_lycoris else run_lycoris(
-            parts, path, timer, args.peer_reps, device, dtype)
+            parts, path, timer, args.peer_reps, device, dtype, args.peer_warmup)
     for name, entry in report["adapters"].items():
         ours, peer, bound = entry["lohakr"], entry["lycoris"], entry["lower_bound_s"]
         print(f"\n{name}: {entry['modules']} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
               f"({entry['flops'] / 1e9:.0f} GFLOP, {entry['bytes_min'] / 2**30:.2f} GiB moved)")
+        load_runs = ours["runs"]["load"]
         print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
-              f"({ours['load_patch_s'] / bound:.2f}× bound)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}"
-              f"  peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB (originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB)")
-        if "originals_on_gpu" in ours:
-            same = ours["originals_on_gpu"]
-            print(f"  lohakr, originals kept on the GPU: load+patch {fmt_s(same['load_patch_s'])}  strength "
-                  f"{fmt_s(same['strength_s'])}  unload {fmt_s(same['unload_s'])}")
+              f"[{min(load_runs):.2f}..{max(load_runs):.2f}] ({ours['load_patch_s'] / bound:.2f}× bound, best run "
+              f"{min(load_runs) / bound:.2f}×)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}")
+        working = ours["peak_extra_bytes"] - ours["kept_originals_bytes"]
+        print(f"           peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB = originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB "
+              f"{'+' if working >= 0 else '-'} {abs(working) / 2**20:.0f} MiB (largest layer's float32 ΔW: "
+              f"{entry['largest_layer_delta_bytes'] / 2**20:.0f} MiB)")
+        if "originals_on_cpu" in ours:
+            other = ours["originals_on_cpu"]
+            print(f"  lohakr, originals kept on the CPU: load+patch {fmt_s(other['load_patch_s'])}  strength "
+                  f"{fmt_s(other['strength_s'])}  unload {fmt_s(other['unload_s'])}")
         if peer.get("load_patch_s"):
             print(f"  LyCORIS  create_network_from_weights + merge_to {fmt_s(peer['load_patch_s'])} "
                   f"({peer['load_patch_s'] / ours['load_patch_s']:.1f}× lohakr)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
@@ -370,7 +394,7 @@ def main(argv=None) -> int:
     if "comfyui" not in report:
         del parts
         gc.collect()
-        report["comfyui"] = run_comfy(paths, args.dtype, args.reps)
+        report["comfyui"] = run_comfy(paths, args.dtype, args.reps, args.warmup)
     if "adapters" not in report["comfyui"]:
         print(f"\nComfyUI: {report['comfyui']}")
     if args.json:
@@ -395,14 +419,21 @@ def scaling(parts, timer, device) -> dict:
     adapter = lohakr.load_adapter(make_adapter_file(parts, "loha_r16", dict(algo="loha", network_dim=16, network_alpha=8,
                                                                              conv_dim=0, conv_alpha=0)))
     for count in (1, 2, 4, 8):
-        def stack():
+        def one_by_one():
             for i in range(count):
                 pipe.load_lycoris(adapter, f"s{i}", strength=1 / count)
 
-        t, _ = timer(stack, setup=lambda: pipe.unload_lycoris(), reps=1)
+        def batched():
+            with pipe.lycoris_batch():
+                one_by_one()
+
+        t_batch, _ = timer(batched, setup=lambda: pipe.unload_lycoris(), reps=1)
         pipe.unload_lycoris()
-        out["stack"][count] = t
-        print(f"  scaling: {count} stacked LoHa r16: load+patch all {t:6.2f} s")
+        t_each, _ = timer(one_by_one, setup=lambda: pipe.unload_lycoris(), reps=1)
+        pipe.unload_lycoris()
+        out["stack"][count] = {"batch_s": t_batch, "one_by_one_s": t_each}
+        print(f"  scaling: {count} stacked LoHa r16: load+patch all in one lycoris_batch() {t_batch:6.2f} s, "
+              f"one load_lycoris() after another {t_each:6.2f} s")
     return out
 
 
