@@ -185,6 +185,10 @@ class AdapterModule:
         """Blocks of output rows this module builds best in (LoKr: the rows of w2)."""
         return 1
 
+    def chunk_elements(self, device: torch.device) -> int:
+        """About how many elements one row block should hold on ``device``."""
+        return rebuild.GPU_CHUNK_ELEMENTS if device.type == "cuda" else rebuild.CHUNK_ELEMENTS
+
     def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
                  scratch: rebuild.Scratch | None = None) -> Tensor:
         """Apply this module at ``strength`` to output rows ``start:stop`` of a weight, given as
@@ -226,7 +230,7 @@ class AdapterModule:
         self._check(shape)
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
-            budget = rebuild.GPU_CHUNK_ELEMENTS if weight.device.type == "cuda" else None
+            budget = self.chunk_elements(weight.device)
             scratch = rebuild.Scratch()
             with self.float_factors():
                 for chunk in rebuild.row_chunks(shape[0], rows.shape[1], align=self.row_alignment, budget=budget):
@@ -414,6 +418,11 @@ class LokrModule(AdapterModule):
     def row_alignment(self) -> int:
         return self.w2_shape[0]
 
+    def chunk_elements(self, device: torch.device) -> int:
+        if device.type == "cuda" or self.dora_scale is not None:
+            return super().chunk_elements(device)
+        return rebuild.BROADCAST_CHUNK_ELEMENTS
+
     def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
                  scratch: rebuild.Scratch | None = None) -> Tensor:
         """``work += μ·s·(w1 ⊗ w2)[rows]`` as one broadcast multiply-add, never materialising the
@@ -485,13 +494,19 @@ class LokrModule(AdapterModule):
         return (a * w2[0], c * w2[1], *w2[2:])
 
     def factors_w1_w2(self, device=None) -> tuple[Tensor, Tensor]:
-        """The two Kronecker factors, rebuilt: w1 ``(a, c)`` and w2 ``(b, d[, *k])`` or ``(b, d·k…)``."""
+        """The two Kronecker factors, rebuilt (once per device inside ``float_factors``): w1 ``(a, c)``
+        and w2 ``(b, d[, *k])`` or ``(b, d·k…)``."""
         g = lambda k: self._factor(k, device)  # noqa: E731
-        w1 = rebuild.lokr_w1(g("lokr_w1"), g("lokr_w1_a"), g("lokr_w1_b")).reshape(self.w1_shape)
-        w2_b = g("lokr_w2_b")
-        if w2_b is not None:
-            w2_b = rebuild.flatten_factor(w2_b)
-        w2 = rebuild.lokr_w2(g("lokr_w2"), g("lokr_w2_a"), w2_b, g("lokr_t2"))
+        w1 = self._cached("w1", device, lambda: rebuild.lokr_w1(
+            g("lokr_w1"), g("lokr_w1_a"), g("lokr_w1_b")).reshape(self.w1_shape))
+
+        def build_w2() -> Tensor:
+            w2_b = g("lokr_w2_b")
+            if w2_b is not None:
+                w2_b = rebuild.flatten_factor(w2_b)
+            return rebuild.lokr_w2(g("lokr_w2"), g("lokr_w2_a"), w2_b, g("lokr_t2"))
+
+        w2 = self._cached("w2", device, build_w2)
         expected = self.w2_shape
         if _shape(w2) != expected:
             raise AdapterShapeError(

@@ -15,6 +15,10 @@ its ``Parameter`` object but gets new storage for the patched values, and the ol
 the kept original (unloading swaps it back). Where originals go elsewhere (a GPU model with
 originals on the CPU), they are copied and the parameter is patched in place.
 
+With ``fuse=True`` nothing is kept: each load adds its update into the live weights in place
+(W ← cast(W + Σ μ·s·R), what LyCORIS' merge does), using no memory beyond a row block, but the
+adapter can then neither change strength nor be unloaded.
+
 Several changes can be batched (``with patcher.batch(): ...``): every touched weight is then
 recomputed once at the end, so stacking k adapters costs O(k), not O(k²).
 """
@@ -30,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BlockWeights
+from .errors import FusedAdapterError, FusedPartlyError
 from .modules import AdapterModule
 from .names import LayerTarget
-from .rebuild import CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, Scratch, row_chunks
+from .rebuild import Scratch, row_chunks
 from .report import LoadReport
 from .resolve import Match
 
@@ -49,6 +54,7 @@ class PatchedAdapter:
     component_strength: dict[str, float] = field(default_factory=dict)
     block_weights: BlockWeights = field(default_factory=BlockWeights)
     order: int = 0
+    fused: bool = False  # added into the weights with no original kept: final
 
     def strength_of(self, match: Match) -> float:
         component = match.target.component
@@ -76,12 +82,14 @@ AUTO_GPU_MARGIN_FRACTION = 0.2
 class WeightPatcher:
     """Applies adapters to live layers and restores them; see the module docstring."""
 
-    def __init__(self, keep_originals_on: str | torch.device | None = "auto"):
+    def __init__(self, keep_originals_on: str | torch.device | None = "auto", fuse: bool = False):
         """``keep_originals_on``: where originals are kept for exact unloading. ``"auto"`` (default):
         on the weight's own device when that is the CPU, or a GPU that keeps a safe margin free
         (fast, no copy); else on the CPU. ``"cpu"``: always on the CPU (no extra GPU memory).
-        ``None``: always on the weight's own device."""
+        ``None``: always on the weight's own device. ``fuse=True``: keep nothing, add adapters into
+        the weights for good (see the module docstring)."""
         self.keep_originals_on = keep_originals_on
+        self.fuse = fuse
         self.adapters: dict[str, PatchedAdapter] = {}
         self._originals: dict[str, _Original] = {}
         self._counter = 0
@@ -94,6 +102,9 @@ class WeightPatcher:
             raise ValueError(f"an adapter named {adapter.name!r} is already loaded")
         self._counter += 1
         adapter.order = self._counter
+        if self.fuse:
+            self._fuse(adapter, progress)
+            return
         self.adapters[adapter.name] = adapter
         touched = adapter.targets
         try:
@@ -113,9 +124,11 @@ class WeightPatcher:
 
     def update(self, name: str, progress=None) -> None:
         """Recompute every weight ``name`` touches (after its strengths changed)."""
+        self.check_changeable(name, "change its strength")
         self._change(self.adapters[name].targets, progress)
 
     def remove(self, name: str, progress=None) -> None:
+        self.check_changeable(name, "unload it")
         self._change(self.adapters.pop(name).targets, progress)
 
     @contextlib.contextmanager
@@ -141,6 +154,14 @@ class WeightPatcher:
                 self._recompute(pending, None)
                 raise
 
+    def check_changeable(self, name: str, what: str) -> None:
+        """Raise ``FusedAdapterError`` if adapter ``name`` is fused (``what``: the refused action)."""
+        if self.adapters[name].fused:
+            raise FusedAdapterError(
+                f"{name!r} is fused into the weights (fuse=True keeps no originals), so there is no way "
+                f"to {what}; reload the model, or load without fuse=True to keep that possible"
+            )
+
     @property
     def in_batch(self) -> bool:
         return self._pending is not None
@@ -151,6 +172,30 @@ class WeightPatcher:
                    for o in self._originals.values())
 
     # -- internals ------------------------------------------------------------------------------
+    def _fuse(self, adapter: PatchedAdapter, progress) -> None:
+        """Add ``adapter`` into the live weights in place, keeping nothing."""
+        contributions = self._index([adapter])
+        scratch = Scratch()
+        targets = adapter.targets
+        done = 0
+        try:
+            for target in (progress(targets) if progress else targets):
+                layer = _layer(target)
+                bias = getattr(layer, "bias", None)
+                current = _Original(target, layer.weight.detach(), None if bias is None else bias.detach())
+                with torch.no_grad():
+                    self._apply(layer, current, contributions[target.key], scratch, in_place=True)
+                done += 1
+        except BaseException as err:
+            if done:
+                raise FusedPartlyError(
+                    f"fusing {adapter.name!r} failed after {done} of {len(targets)} layers ({err}); those "
+                    "layers are changed and nothing was kept to undo it: reload the model"
+                ) from err
+            raise
+        adapter.fused = True
+        self.adapters[adapter.name] = adapter
+
     def _change(self, targets: list[LayerTarget], progress) -> None:
         if self._pending is not None:
             self._pending.update((t.key, t) for t in targets)
@@ -205,13 +250,15 @@ class WeightPatcher:
                     continue
                 self._apply(layer, kept, contributions, scratch)
 
-    def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: Scratch) -> None:
+    def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: Scratch,
+               in_place: bool = False) -> None:
         """Write ``W0 + Σ contributions`` into the layer: a block of rows at a time through one
         reused float32 buffer (no layer-sized temporaries), or the whole layer for input-axis DoRA.
-        If the live weight still is the kept original, the result goes to new storage instead."""
+        If the live weight still is the kept original, the result goes to new storage instead,
+        unless ``in_place`` (fusing: ``kept`` is the live weight itself)."""
         param = layer.weight
         device, shape = param.device, tuple(param.shape)
-        fresh = _shares(param, kept.weight)
+        fresh = not in_place and _shares(param, kept.weight)
         weight = torch.empty_like(param) if fresh else param.detach()
         source = kept.weight if kept.weight.device == device else kept.weight.to(device)
         if weight.is_contiguous() and source.is_contiguous() and all(m.works_by_rows(shape) for _, m, _ in contributions):
@@ -221,7 +268,7 @@ class WeightPatcher:
             with contextlib.ExitStack() as stack:
                 for _, module, _ in contributions:
                     stack.enter_context(module.float_factors())
-                budget = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+                budget = min(module.chunk_elements(device) for _, module, _ in contributions)
                 for chunk in row_chunks(out_dim, rows.shape[1], align=align, budget=budget):
                     work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
                     work.copy_(original[chunk])
@@ -245,15 +292,22 @@ class WeightPatcher:
                     bias_work.add_(module.bias_delta(device), alpha=strength)
             if bias_work is None:
                 _restore(layer.bias, kept.bias)
+            elif in_place:
+                layer.bias.copy_(bias_work)
             elif _shares(layer.bias, kept.bias):
                 layer.bias.data = bias_work.to(layer.bias.dtype)
             else:
                 layer.bias.copy_(bias_work)
 
-    def _index(self) -> dict[str, list[tuple[PatchedAdapter, AdapterModule, float]]]:
+    def _index(self, adapters: Iterable[PatchedAdapter] | None = None
+               ) -> dict[str, list[tuple[PatchedAdapter, AdapterModule, float]]]:
+        """Per layer key: (adapter, module, strength) to apply, plain ones by name, then DoRA ones
+        in load order. Fused adapters are part of the weights already and are left out."""
         plain: dict[str, list] = {}
         dora: dict[str, list] = {}
-        for adapter in self.adapters.values():
+        for adapter in self.adapters.values() if adapters is None else adapters:
+            if adapter.fused:
+                continue
             for match in adapter.matches:
                 bucket = dora if match.module.dora else plain
                 bucket.setdefault(match.target.key, []).append((adapter, match.module, adapter.strength_of(match)))

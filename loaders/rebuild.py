@@ -43,6 +43,8 @@ def tucker_outer(half: Tensor, out_factor: Tensor) -> Tensor:
 # and a 2 MiB float32 chunk stays in cache between the GEMM that writes it and the multiply-add
 # that reads it (about 1.9x faster than 8 MiB chunks for rank-32 LoHa on a 2-core EPYC).
 CHUNK_ELEMENTS = 1 << 19
+# Row blocks that need no GEMM (LoKr's broadcast multiply-add) are best larger: fewer steps.
+BROADCAST_CHUNK_ELEMENTS = 1 << 21
 # On a GPU, kernel launches cost more than memory: build a layer in one block up to this size.
 GPU_CHUNK_ELEMENTS = 1 << 27
 
