@@ -11,6 +11,8 @@ from .errors import (
     AdapterShapeError,
     BaseModelMismatchError,
     BlockWeightsError,
+    FusedAdapterError,
+    FusedPartlyError,
     LohakrError,
     StrictLoadError,
 )
@@ -23,7 +25,8 @@ from .resolve import Match, resolve
 
 __all__ = [
     "Adapter", "AdapterFormatError", "AdapterMetadata", "AdapterModule", "AdapterShapeError",
-    "BaseModelMismatchError", "BlockWeights", "BlockWeightsError", "FullModule", "LayerTarget",
+    "BaseModelMismatchError", "BlockWeights", "BlockWeightsError", "FullModule", "FusedAdapterError",
+    "FusedPartlyError", "LayerTarget",
     "LoadReport", "LohaModule", "LohakrError", "LokrModule", "LoraModule", "LycorisLoaderMixin", "Match",
     "ModelLayout", "PatchedAdapter", "WeightPatcher", "enable",
     "ModuleOutcome", "StrictLoadError", "load_adapter", "parse_block_weights", "presets", "resolve",

@@ -75,6 +75,7 @@ class LycorisLoaderMixin:
         originals (the file is not read again). Arguments left ``None`` keep their value."""
         patcher = _patcher(self)
         adapter = _get(patcher, adapter_name)
+        patcher.check_changeable(adapter_name, "change its strength")
         if strength is not None or text_encoder_strength is not None:
             base = strength if strength is not None else adapter.component_strength
             adapter.component_strength = component_strengths(base, text_encoder_strength)
@@ -90,6 +91,9 @@ class LycorisLoaderMixin:
         weight no adapter touches any more gets its original back, bit for bit."""
         patcher = _patcher(self)
         names = [adapter_name] if adapter_name is not None else list(patcher.adapters)
+        for name in names:
+            _get(patcher, name)
+            patcher.check_changeable(name, "unload it")
         for name in names:
             adapter = _get(patcher, name)
             patcher.remove(name, _progress(self, f"lohakr: unload {name}", len(adapter.matches)))
@@ -119,20 +123,29 @@ class LycorisLoaderMixin:
                 "strength": dict(a.component_strength),
                 "block_weights": a.block_weights.spec,
                 "applied": len(a.matches),
+                "fused": a.fused,
                 "report": a.report,
             }
             for a in _patcher(self)
         ]
 
 
-def enable(pipe: Any, *, keep_originals_on: str | None = "auto") -> Any:
+def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = False) -> Any:
     """Give an existing pipeline instance the ``LycorisLoaderMixin`` methods; returns it.
 
     ``keep_originals_on``: where the original weights are kept for exact unloading. ``"auto"``
     (default): beside the weights when they are on the CPU or on a GPU with a safe margin of memory
     to spare (no copy at all), else on the CPU; ``"cpu"``: always on the CPU (no extra GPU memory);
-    ``None``: always beside the weights."""
+    ``None``: always beside the weights.
+
+    ``fuse=True``: keep no originals; every load adds into the weights for good (no extra memory,
+    fastest), and strengths can then not change nor adapters be unloaded (reload the model).
+    Stacked fused adapters are rounded to the weight dtype after each load."""
+    if "_lohakr_patcher" in pipe.__dict__ and pipe.__dict__["_lohakr_patcher"].adapters:
+        raise LohakrError("enable() again with adapters loaded: unload them first")
+    pipe.__dict__.pop("_lohakr_patcher", None)
     pipe.__dict__["_lohakr_keep_originals_on"] = keep_originals_on
+    pipe.__dict__["_lohakr_fuse"] = fuse
     for name in ("load_lycoris", "load_loha", "load_lokr", "set_lycoris_strength", "unload_lycoris",
                  "lycoris_batch", "lycoris_adapters"):
         setattr(pipe, name, types.MethodType(getattr(LycorisLoaderMixin, name), pipe))
@@ -167,7 +180,8 @@ def pipeline_layout(pipe: Any) -> ModelLayout:
 def _patcher(pipe: Any) -> WeightPatcher:
     patcher = pipe.__dict__.get("_lohakr_patcher")
     if patcher is None:
-        patcher = WeightPatcher(pipe.__dict__.get("_lohakr_keep_originals_on", "auto"))
+        patcher = WeightPatcher(pipe.__dict__.get("_lohakr_keep_originals_on", "auto"),
+                                fuse=pipe.__dict__.get("_lohakr_fuse", False))
         pipe.__dict__["_lohakr_patcher"] = patcher
     return patcher
 

@@ -35,3 +35,11 @@ def where(source: str | None, module: str | None = None) -> str:
     if module:
         parts.append(f"module {module}")
     return (": ".join(parts) + ": ") if parts else ""
+
+
+class FusedAdapterError(LohakrError):
+    """An adapter fused into the weights (``fuse=True``) cannot change strength or be unloaded."""
+
+
+class FusedPartlyError(LohakrError, RuntimeError):
+    """Fusing failed midway: some layers are changed and nothing was kept to undo them."""

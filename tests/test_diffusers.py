@@ -437,3 +437,57 @@ def test_auto_keeps_originals_on_a_gpu_only_with_room_to_spare(monkeypatch):
     assert patcher.originals_placement("auto", weights)[gpu] == cpu
     assert patcher.originals_placement("cpu", weights) == {gpu: cpu, cpu: cpu}
     assert patcher.originals_placement(None, weights) == {gpu: gpu, cpu: cpu}
+
+
+def test_fuse_adds_in_place_keeping_nothing_and_refuses_changes(lycoris_file, tmp_path):
+    from lohakr import FusedAdapterError
+
+    fx = lycoris_file("sdxl", "loha_tucker")
+    reversible = make_pipe("sdxl", tmp_path, torch.float16)
+    fused = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=True)
+    layout = pipeline_layout(fused)
+    pointers = {key: t.layer.weight.data_ptr() for key, t in layout.targets.items()}
+    reversible.load_loha(fx.path, "x", strength=0.7, block_weights="IN04=0")
+    fused.load_loha(fx.path, "x", strength=0.7, block_weights="IN04=0")
+    _, w1 = layer_weights(reversible)
+    _, w2 = layer_weights(fused)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # one adapter: the same single rounding
+    assert fused._lohakr_patcher.kept_bytes == 0
+    assert all(t.layer.weight.data_ptr() == pointers[key] for key, t in layout.targets.items())  # in place
+    assert fused.lycoris_adapters()[0]["fused"] is True
+    with pytest.raises(FusedAdapterError, match="reload the model"):
+        fused.set_lycoris_strength("x", 0.1)
+    with pytest.raises(FusedAdapterError, match="unload"):
+        fused.unload_lycoris()
+    _, after = layer_weights(fused)
+    assert all(torch.equal(w2[k], after[k]) for k in w2)
+    assert fused.lycoris_adapters()[0]["strength"]["unet"] == 0.7
+    fused.load_lokr(lycoris_file("sdxl", "lokr_f4").path, "y")  # stacking adds onto the fused weights
+    reversible.load_lokr(lycoris_file("sdxl", "lokr_f4").path, "y")
+    _, w1 = layer_weights(reversible)
+    _, w2 = layer_weights(fused)
+    eps = torch.finfo(torch.float16).eps
+    for key in w1:  # the fused stack rounds once more, after the first load: about an ulp of that
+        a, b, first = w1[key].float(), w2[key].float(), after[key].float()
+        bad = (a - b).abs() > eps * torch.maximum(a.abs(), first.abs()) + 1e-7
+        assert not bool(bad.any()), (key, a[bad][:5], b[bad][:5])
+
+
+def test_fuse_failing_midway_says_to_reload(lycoris_file, tmp_path, monkeypatch):
+    from lohakr import FusedPartlyError
+    from lohakr.loaders.modules import LohaModule
+
+    pipe = lohakr.enable(make_pipe("sdxl", tmp_path), fuse=True)
+    calls = {"n": 0}
+    original = LohaModule.add_rows
+
+    def fails_later(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("simulated out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LohaModule, "add_rows", fails_later)
+    with pytest.raises(FusedPartlyError, match="reload the model"):
+        pipe.load_loha(lycoris_file("sdxl", "loha").path)
+    assert pipe.lycoris_adapters() == []
