@@ -195,7 +195,18 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
         y.copy_(x)
     sync(device)
     bandwidth = 2 * size * reps / (time.perf_counter() - start)
-    return {"gemm_flops": flops, "bandwidth": bandwidth}
+    del x, y
+    # Writing memory the process has not touched yet (what a reversible patch needs: the patched
+    # weights and the kept originals coexist), best of 3 fresh 1 GiB buffers.
+    fresh = 0.0
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        z = torch.empty(2**30 // 4, device=device, dtype=torch.float32).fill_(0)
+        sync(device)
+        fresh = max(fresh, 2**30 / (time.perf_counter() - start))
+        del z
+    return {"gemm_flops": flops, "bandwidth": bandwidth, "first_touch_bandwidth": fresh}
 
 
 def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float, int]:
@@ -254,8 +265,33 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="auto", tag=""):
 
     results["unload_s"], _ = timer(lambda: pipe.unload_lycoris("bench"), setup=reload, reps=reps,
                                    label=f"{tag}unload")
+    if keep_originals_on == "auto":
+        results.update(run_fused(parts, adapter, timer, reps, tag))
     results["runs"] = {k[len(tag):]: v for k, v in timer.runs.items() if k.startswith(tag)}
     return results
+
+
+def run_fused(parts, adapter, timer, reps, tag) -> dict:
+    """``enable(pipe, fuse=True)``: added into the weights in place, nothing kept (LyCORIS' merge,
+    exactly scaled). The touched weights are put back from a snapshot between runs (not timed)."""
+    import lohakr
+
+    pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}), fuse=True)
+    layout = lohakr.ModelLayout.from_diffusers(**parts)
+    touched = {m.target.key: m.target.layer for m in lohakr.resolve(adapter, layout, check_base_model=False)[0]}
+    snapshot = {key: layer.weight.detach().clone() for key, layer in touched.items()}
+
+    def restore():
+        pipe.__dict__.pop("_lohakr_patcher", None)  # forget the fused adapter; weights back below
+        with torch.no_grad():
+            for key, layer in touched.items():
+                layer.weight.copy_(snapshot[key])
+
+    load, peak = timer(lambda: pipe.load_lycoris(adapter, "fused"), setup=restore, reps=reps, label=f"{tag}fused")
+    restore()
+    del snapshot
+    gc.collect()
+    return {"fused_load_s": load, "fused_peak_extra_bytes": peak}
 
 
 def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
@@ -332,7 +368,7 @@ def main(argv=None) -> int:
     peaks = machine_peaks(device, dtype)
     report["roofline"] = peaks
     print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32), "
-          f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s")
+          f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s, writing fresh memory {peaks['first_touch_bandwidth'] / 1e9:.1f} GB/s")
     names = [n for n in args.adapters.split(",") if n]
     cached = {name: cached_adapter_file(name, ADAPTERS[name]) for name in names}
     if all(p.exists() for p in cached.values()):
@@ -352,12 +388,16 @@ def main(argv=None) -> int:
         adapter = load_adapter(path)
         flops, bytes_min, layer_delta = adapter_cost(adapter, layout, dtype)
         bound = max(flops / peaks["gemm_flops"], bytes_min / peaks["bandwidth"])
+        # Keeping originals means writing the patched weights to memory not yet touched.
+        reversible_bound = max(flops / peaks["gemm_flops"], bytes_min / 2 / peaks["bandwidth"]
+                               + bytes_min / 2 / peaks["first_touch_bandwidth"])
         ours = run_lohakr(parts, path, timer, args.reps, tag=f"{name}:")
         if device.startswith("cuda"):
             ours["originals_on_cpu"] = run_lohakr(parts, path, timer, args.reps, keep_originals_on="cpu",
                                                   tag=f"{name}:cpu:")
         report["adapters"][name] = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops,
-                                    "bytes_min": bytes_min, "lower_bound_s": bound, "largest_layer_delta_bytes": layer_delta,
+                                    "bytes_min": bytes_min, "lower_bound_s": bound, "reversible_lower_bound_s": reversible_bound,
+                                    "largest_layer_delta_bytes": layer_delta,
                                     "lohakr": ours}
         del adapter
     gc.collect()
@@ -367,7 +407,8 @@ def main(argv=None) -> int:
     for name, entry in report["adapters"].items():
         ours, peer, bound = entry["lohakr"], entry["lycoris"], entry["lower_bound_s"]
         print(f"\n{name}: {entry['modules']} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
-              f"({entry['flops'] / 1e9:.0f} GFLOP, {entry['bytes_min'] / 2**30:.2f} GiB moved)")
+              f"({entry['flops'] / 1e9:.0f} GFLOP, {entry['bytes_min'] / 2**30:.2f} GiB moved); with the patched "
+              f"weights written to fresh memory {entry['reversible_lower_bound_s']:.2f} s")
         load_runs = ours["runs"]["load"]
         print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
               f"[{min(load_runs):.2f}..{max(load_runs):.2f}] ({ours['load_patch_s'] / bound:.2f}× bound, best run "
@@ -376,13 +417,18 @@ def main(argv=None) -> int:
         print(f"           peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB = originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB "
               f"{'+' if working >= 0 else '-'} {abs(working) / 2**20:.0f} MiB (largest layer's float32 ΔW: "
               f"{entry['largest_layer_delta_bytes'] / 2**20:.0f} MiB)")
+        print(f"  lohakr, fuse=True (nothing kept): load+patch {fmt_s(ours['fused_load_s'])} "
+              f"({ours['fused_load_s'] / bound:.2f}× bound)  peak +{ours['fused_peak_extra_bytes'] / 2**20:.0f} MiB;"
+              f"  strength change vs bound {ours['strength_s'] / bound:.2f}×; load vs fresh-memory bound "
+              f"{ours['load_patch_s'] / entry['reversible_lower_bound_s']:.2f}×")
         if "originals_on_cpu" in ours:
             other = ours["originals_on_cpu"]
             print(f"  lohakr, originals kept on the CPU: load+patch {fmt_s(other['load_patch_s'])}  strength "
                   f"{fmt_s(other['strength_s'])}  unload {fmt_s(other['unload_s'])}")
         if peer.get("load_patch_s"):
             print(f"  LyCORIS  create_network_from_weights + merge_to {fmt_s(peer['load_patch_s'])} "
-                  f"({peer['load_patch_s'] / ours['load_patch_s']:.1f}× lohakr)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
+                  f"({peer['load_patch_s'] / ours['load_patch_s']:.1f}× lohakr, {peer['load_patch_s'] / ours['fused_load_s']:.1f}× "
+                  f"lohakr fused)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
         elif peer:
             print(f"  LyCORIS  {peer.get('error')}")
         comfy = report.get("comfyui", {}).get("adapters", {}).get(name)
