@@ -475,7 +475,7 @@ def scaling(parts, timer, device) -> dict:
 
         t_batch, _ = timer(batched, setup=lambda: pipe.unload_lycoris(), reps=1)
         pipe.unload_lycoris()
-        t_each, _ = timer(one_by_one, setup=lambda: pipe.unload_lycoris(), reps=1)
+        t_each, _ = timer(one_by_one, setup=lambda: pipe.unload_lycoris(), reps=1, warmup=0)
         pipe.unload_lycoris()
         out["stack"][count] = {"batch_s": t_batch, "one_by_one_s": t_each}
         print(f"  scaling: {count} stacked LoHa r16: load+patch all in one lycoris_batch() {t_batch:6.2f} s, "
