@@ -46,18 +46,43 @@ def build():
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def timed_patch(patcher):
-    """Median, min and max of ``reps`` timed patch_model calls after ``warmup`` untimed ones."""
-    times = []
+    """Median, min and max of ``reps`` timed patch_model calls after ``warmup`` untimed ones, and
+    the largest rise of resident memory (or CUDA allocation) during one."""
+    times, peaks = [], []
     for i in range(warmup + reps):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_peak()
+            base = _status_bytes("VmRSS")
         start = time.perf_counter()
         patcher.patch_model(device_to=mm.get_torch_device())
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_bytes("VmHWM")
+            peaks.append(peak - base)
         patcher.unpatch_model(device_to=patcher.offload_device)
-    return statistics.median(times), min(times), max(times)
+    return statistics.median(times), min(times), max(times), max(peaks)
 
 
 from lohakr.nodes.comfy_bridge import StackItem, apply_stack  # noqa: E402
@@ -69,10 +94,12 @@ for name, path in files.items():
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     try:
         native, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
-        figures["native_s"], figures["native_min_s"], figures["native_max_s"] = timed_patch(native)
+        figures["native_s"], figures["native_min_s"], figures["native_max_s"], figures["native_peak_bytes"] = \
+            timed_patch(native)
     except Exception as err:  # noqa: BLE001 - report the peer's failure
         figures["native_error"] = f"{type(err).__name__}: {str(err)[:160]}"
     ours, _, _ = apply_stack(base, None, [StackItem(path, 1.0, 0.0)])
-    figures["lohakr_s"], figures["lohakr_min_s"], figures["lohakr_max_s"] = timed_patch(ours)
+    figures["lohakr_s"], figures["lohakr_min_s"], figures["lohakr_max_s"], figures["lohakr_peak_bytes"] = \
+        timed_patch(ours)
     result["adapters"][name] = figures
 print(json.dumps(result))

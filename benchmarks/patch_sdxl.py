@@ -435,6 +435,9 @@ def main(argv=None) -> int:
         if comfy:
             print(f"  ComfyUI  patch_model: native LoraLoader {fmt_s(comfy.get('native_s', comfy.get('native_error')))}, "
                   f"lohakr nodes {fmt_s(comfy.get('lohakr_s'))}")
+            if "native_peak_bytes" in comfy and "lohakr_peak_bytes" in comfy:
+                print(f"           peak memory during patch_model: native +{comfy['native_peak_bytes'] / 2**30:.2f} GiB, "
+                      f"lohakr nodes +{comfy['lohakr_peak_bytes'] / 2**30:.2f} GiB")
     if args.scaling:
         report["scaling"] = scaling(parts, timer, device)
     if "comfyui" not in report:

@@ -177,6 +177,7 @@ class WeightPatcher:
         contributions = self._index([adapter])
         scratch = Scratch()
         targets = adapter.targets
+        _refuse_meta(targets)
         done = 0
         try:
             for target in (progress(targets) if progress else targets):
@@ -204,12 +205,7 @@ class WeightPatcher:
 
     def _keep_originals(self, targets: list[LayerTarget]) -> None:
         new = [t for t in targets if t.key not in self._originals]
-        for target in new:
-            if _layer(target).weight.device.type == "meta":
-                raise ValueError(
-                    f"{target.key}: the weight is on the meta device (sequential CPU offload or an "
-                    "unloaded model); load adapters before enable_sequential_cpu_offload()"
-                )
+        _refuse_meta(new)
         placement = originals_placement(self.keep_originals_on, [_layer(t).weight for t in new])
         for target in new:
             layer = _layer(target)
@@ -339,6 +335,15 @@ def originals_placement(policy: str | torch.device | None, weights: list[Tensor]
         margin = max(AUTO_GPU_MARGIN_BYTES, int(AUTO_GPU_MARGIN_FRACTION * total))
         placement[device] = device if free - needed >= margin else torch.device("cpu")
     return placement
+
+
+def _refuse_meta(targets: list[LayerTarget]) -> None:
+    for target in targets:
+        if _layer(target).weight.device.type == "meta":
+            raise ValueError(
+                f"{target.key}: the weight is on the meta device (sequential CPU offload or an "
+                "unloaded model); load adapters before enable_sequential_cpu_offload()"
+            )
 
 
 def _nbytes(tensor: Tensor) -> int:

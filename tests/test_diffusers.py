@@ -491,3 +491,15 @@ def test_fuse_failing_midway_says_to_reload(lycoris_file, tmp_path, monkeypatch)
     with pytest.raises(FusedPartlyError, match="reload the model"):
         pipe.load_loha(lycoris_file("sdxl", "loha").path)
     assert pipe.lycoris_adapters() == []
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_weights_on_the_meta_device_are_refused_untouched(lycoris_file, tmp_path, fuse):
+    pipe = lohakr.enable(make_pipe("sdxl", tmp_path), fuse=fuse)
+    before = {k: v for k, v in snapshot(pipe).items() if k.startswith("text_encoder")}
+    pipe.unet.to_empty(device="meta")  # what sequential CPU offload leaves behind
+    with pytest.raises(ValueError, match="meta device"):
+        pipe.load_loha(lycoris_file("sdxl", "loha").path)
+    assert pipe.lycoris_adapters() == []
+    after = snapshot(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
