@@ -141,9 +141,14 @@ def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = Fa
     ``fuse=True``: keep no originals; every load adds into the weights for good (no extra memory,
     fastest), and strengths can then not change nor adapters be unloaded (reload the model).
     Stacked fused adapters are rounded to the weight dtype after each load."""
-    if "_lohakr_patcher" in pipe.__dict__ and pipe.__dict__["_lohakr_patcher"].adapters:
-        raise LohakrError("enable() again with adapters loaded: unload them first")
-    pipe.__dict__.pop("_lohakr_patcher", None)
+    patcher = pipe.__dict__.get("_lohakr_patcher")
+    if patcher is not None and (patcher.keep_originals_on, patcher.fuse) != (keep_originals_on, fuse):
+        if patcher.adapters:
+            raise LohakrError(
+                f"enable() with other settings while adapters are loaded ({', '.join(patcher.adapters)}); "
+                "unload them first (fused adapters: reload the pipeline)"
+            )
+        del pipe.__dict__["_lohakr_patcher"]
     pipe.__dict__["_lohakr_keep_originals_on"] = keep_originals_on
     pipe.__dict__["_lohakr_fuse"] = fuse
     for name in ("load_lycoris", "load_loha", "load_lokr", "set_lycoris_strength", "unload_lycoris",

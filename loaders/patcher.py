@@ -163,10 +163,6 @@ class WeightPatcher:
             )
 
     @property
-    def in_batch(self) -> bool:
-        return self._pending is not None
-
-    @property
     def kept_bytes(self) -> int:
         return sum(_nbytes(o.weight) + (_nbytes(o.bias) if o.bias is not None else 0)
                    for o in self._originals.values())

@@ -503,3 +503,16 @@ def test_weights_on_the_meta_device_are_refused_untouched(lycoris_file, tmp_path
     assert pipe.lycoris_adapters() == []
     after = snapshot(pipe)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_enable_again_keeps_loaded_adapters_and_refuses_other_settings(lycoris_file, tmp_path):
+    pipe = make_pipe("sdxl", tmp_path)
+    pipe.load_loha(lycoris_file("sdxl", "loha").path, "x")
+    lohakr.enable(pipe)  # same settings (a re-run notebook cell): nothing changes
+    assert [a["name"] for a in pipe.lycoris_adapters()] == ["x"]
+    with pytest.raises(LohakrError, match="unload them first"):
+        lohakr.enable(pipe, fuse=True)
+    pipe.unload_lycoris()
+    lohakr.enable(pipe, fuse=True)
+    pipe.load_loha(lycoris_file("sdxl", "loha").path, "y")
+    assert pipe.lycoris_adapters()[0]["fused"] is True
