@@ -284,9 +284,7 @@ class WeightPatcher:
                     bias_work.add_(module.bias_delta(device), alpha=strength)
             if bias_work is None:
                 _restore(layer.bias, kept.bias)
-            elif in_place:
-                layer.bias.copy_(bias_work)
-            elif _shares(layer.bias, kept.bias):
+            elif not in_place and _shares(layer.bias, kept.bias):
                 layer.bias.data = bias_work.to(layer.bias.dtype)
             else:
                 layer.bias.copy_(bias_work)
