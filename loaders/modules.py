@@ -209,6 +209,12 @@ class AdapterModule:
             return work.copy_(update)
         return work.add_(update.sub_(work), alpha=strength)
 
+    def write_patched(self, out: Tensor, source: Tensor, strength: float) -> bool:
+        """Write ``source`` patched by this module at ``strength`` into ``out`` (same shape and dtype,
+        contiguous; ``out`` may be ``source``) in one operation straight in the weight's dtype, when
+        that gives exactly the float32 path's bits. Returns False, writing nothing, when it cannot."""
+        return False
+
     @property
     def has_bias_delta(self) -> bool:
         """True when the module also updates the layer's bias (full ``diff_b``)."""
@@ -228,6 +234,8 @@ class AdapterModule:
             return weight
         shape = _shape(weight)
         self._check(shape)
+        if weight.is_contiguous() and self.write_patched(weight, weight, strength):
+            return weight
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
             budget = self.chunk_elements(weight.device)
@@ -425,24 +433,48 @@ class LokrModule(AdapterModule):
 
     def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
                  scratch: rebuild.Scratch | None = None) -> Tensor:
-        """``work += μ·s·(w1 ⊗ w2)[rows]`` as one broadcast multiply-add, never materialising the
-        Kronecker product, when the rows are whole w2 blocks or lie in one block."""
+        """``work += μ·s·(w1 ⊗ w2)[rows]`` as one multiply-add, never materialising the Kronecker
+        product, when the rows are whole w2 blocks or lie in one block."""
         b = self.w2_shape[0]
-        first, last = start // b, (stop - 1) // b + 1
         aligned = start % b == 0 and stop % b == 0
-        if strength == 0 or self.dora_scale is not None or not (aligned or last - first == 1):
+        if strength == 0 or self.dora_scale is not None or not (aligned or start // b == (stop - 1) // b):
             return super().add_rows(work, start, stop, strength)
-        w1, w2 = self.factors_w1_w2(work.device)
-        w2 = w2.reshape(b, -1)
-        if aligned:
-            outer, inner = w1[first:last], w2
-        else:
-            outer, inner = w1[first:first + 1], w2[start - first * b: stop - first * b]
-        c, width = w1.shape[1], w2.shape[1]
-        blocks = work.view(outer.shape[0], inner.shape[0], c, width)
-        blocks.addcmul_(outer.reshape(outer.shape[0], 1, c, 1), inner.reshape(1, inner.shape[0], 1, width),
-                        value=strength * self.scale)
-        return work
+        t1, t2 = self.kron_operands(work.device, torch.float32)
+        return rebuild.kron_add_rows(work, start, stop, t1, t2, strength * self.scale)
+
+    def write_patched(self, out: Tensor, source: Tensor, strength: float) -> bool:
+        """On the CPU, ``out = source + μ·s·(w1 ⊗ w2)`` as one multiply-add in the weight's own
+        dtype: no float32 copy of the weight, one pass over it. Taken only where the bits equal the
+        float32 path's: no DoRA, w1 and w2 exact in that dtype (full factors stored in it; a
+        low-rank product is not) and a PyTorch that multiply-adds half/bfloat16 in float32
+        (``rebuild.addcmul_rounds_once``)."""
+        dtype = out.dtype
+        if (strength == 0 or self.dora_scale is not None or out.device.type != "cpu"
+                or source.device != out.device or source.dtype != dtype
+                or dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                or not (out.is_contiguous() and source.is_contiguous())
+                or not rebuild.addcmul_rounds_once(dtype)):
+            return False
+        self._check(_shape(out))
+        operands = self.kron_operands(out.device, dtype)
+        if operands is None:
+            return False
+        rebuild.kron_add(out, source, *operands, strength * self.scale)
+        return True
+
+    def kron_operands(self, device, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
+        """``rebuild.kron_operands`` of w1 and w2 in ``dtype`` (built once per device inside
+        ``float_factors``), or ``None`` if either factor would lose bits in ``dtype``."""
+        def build() -> tuple[Tensor, ...]:
+            w1, w2 = self.factors_w1_w2(device)
+            w2 = w2.reshape(w2.shape[0], -1)
+            if dtype != torch.float32:
+                w1, w2 = rebuild.exactly_in(w1, dtype), rebuild.exactly_in(w2, dtype)
+                if w1 is None or w2 is None:
+                    return ()
+            return rebuild.kron_operands(w1, w2)
+
+        return self._cached(f"kron operands {dtype}", device, build) or None
 
     @property
     def w1_low_rank(self) -> bool:

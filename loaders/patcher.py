@@ -244,35 +244,15 @@ class WeightPatcher:
 
     def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: Scratch,
                in_place: bool = False) -> None:
-        """Write ``W0 + Σ contributions`` into the layer: a block of rows at a time through one
-        reused float32 buffer (no layer-sized temporaries), or the whole layer for input-axis DoRA.
-        If the live weight still is the kept original, the result goes to new storage instead,
-        unless ``in_place`` (fusing: ``kept`` is the live weight itself)."""
+        """Write ``W0 + Σ contributions`` into the layer (``_write_weight``). If the live weight still
+        is the kept original, the result goes to new storage instead, unless ``in_place`` (fusing:
+        ``kept`` is the live weight itself)."""
         param = layer.weight
-        device, shape = param.device, tuple(param.shape)
+        device = param.device
         fresh = not in_place and _shares(param, kept.weight)
         weight = torch.empty_like(param) if fresh else param.detach()
         source = kept.weight if kept.weight.device == device else kept.weight.to(device)
-        if weight.is_contiguous() and source.is_contiguous() and all(m.works_by_rows(shape) for _, m, _ in contributions):
-            out_dim = shape[0]
-            rows, original = weight.view(out_dim, -1), source.view(out_dim, -1)
-            align = contributions[0][1].row_alignment
-            with contextlib.ExitStack() as stack:
-                for _, module, _ in contributions:
-                    stack.enter_context(module.float_factors())
-                budget = min(module.chunk_elements(device) for _, module, _ in contributions)
-                for chunk in row_chunks(out_dim, rows.shape[1], align=align, budget=budget):
-                    work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
-                    work.copy_(original[chunk])
-                    for _, module, strength in contributions:
-                        module.add_rows(work, chunk.start, chunk.stop, strength, scratch)
-                    rows[chunk].copy_(work)
-        else:
-            work = source.to(device=device, dtype=torch.float32, copy=True)
-            for _, module, strength in contributions:
-                module.add_to(work, strength)
-            weight.copy_(work)
-            del work
+        _write_weight(weight, source, contributions, scratch)
         if fresh:
             param.data = weight
         if kept.bias is not None:
@@ -309,6 +289,37 @@ class WeightPatcher:
 
     def __iter__(self) -> Iterator[PatchedAdapter]:
         return iter(self.adapters.values())
+
+
+def _write_weight(weight: Tensor, source: Tensor, contributions, scratch: Scratch) -> None:
+    """``weight = source + Σ contributions``, computed in float32 and cast once: in one operation
+    when a lone module can (``write_patched``), else a block of rows at a time through one reused
+    float32 buffer, else (input-axis DoRA, strided weights) the whole layer at once."""
+    device, shape = weight.device, tuple(weight.shape)
+    contiguous = weight.is_contiguous() and source.is_contiguous()
+    if contiguous and len(contributions) == 1:
+        _, module, strength = contributions[0]
+        if module.write_patched(weight, source, strength):
+            return
+    if contiguous and all(m.works_by_rows(shape) for _, m, _ in contributions):
+        out_dim = shape[0]
+        rows, original = weight.view(out_dim, -1), source.view(out_dim, -1)
+        align = contributions[0][1].row_alignment
+        with contextlib.ExitStack() as stack:
+            for _, module, _ in contributions:
+                stack.enter_context(module.float_factors())
+            budget = min(module.chunk_elements(device) for _, module, _ in contributions)
+            for chunk in row_chunks(out_dim, rows.shape[1], align=align, budget=budget):
+                work = scratch.get(device, (chunk.stop - chunk.start, rows.shape[1]))
+                work.copy_(original[chunk])
+                for _, module, strength in contributions:
+                    module.add_rows(work, chunk.start, chunk.stop, strength, scratch)
+                rows[chunk].copy_(work)
+        return
+    work = source.to(device=device, dtype=torch.float32, copy=True)
+    for _, module, strength in contributions:
+        module.add_to(work, strength)
+    weight.copy_(work)
 
 
 def originals_placement(policy: str | torch.device | None, weights: list[Tensor]) -> dict[torch.device, torch.device]:

@@ -355,6 +355,7 @@ def test_batch_failing_at_the_end_removes_its_adapters(lycoris_file, tmp_path, m
 
     monkeypatch.setattr(LokrModule, "add_rows", broken)
     monkeypatch.setattr(LokrModule, "add_to", broken)
+    monkeypatch.setattr(LokrModule, "write_patched", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         with pipe.lycoris_batch():
             pipe.load_loha(lycoris_file("sdxl", "loha_tucker").path, "new1")

@@ -1,0 +1,172 @@
+"""LoKr's one-operation patch (``write_patched``): in the weight's own dtype, and bit for bit what
+the float32 path gives; taken only where that holds, and never silently different."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lohakr import load_adapter
+from lohakr.loaders import rebuild
+from lohakr.loaders.modules import LokrModule
+from test_diffusers import layer_weights, make_pipe
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def lokr(w1, w2, dtype, name="lora_unet_x", **extra):
+    """A LoKr module with full factors stored in ``dtype`` (as kohya and LyCORIS save them)."""
+    tensors = {"lokr_w1": w1.to(dtype), "lokr_w2": w2.to(dtype), **extra}
+    return load_adapter({f"{name}.{k}": v for k, v in tensors.items()}).modules[name]
+
+
+def float32_path(module, weight, strength):
+    """The reference: cast up, one float32 multiply-add per element as the row path does it, cast
+    down once."""
+    w1, w2 = module.factors_w1_w2("cpu")
+    a, c = w1.shape
+    b, width = w2.shape[0], w2[0].numel()
+    work = weight.to(torch.float32, copy=True).view(a, b, c, width)
+    work.addcmul_(w1.reshape(a, 1, c, 1), w2.reshape(1, b, 1, width), value=strength * module.scale)
+    return work.view(weight.shape).to(weight.dtype)
+
+
+CASES = {
+    "linear": ((4, 3), (24, 40), (96, 120)),
+    "conv 3x3": ((2, 4), (8, 5, 3, 3), (16, 20, 3, 3)),
+    "conv 1x1": ((8, 2), (40, 16, 1, 1), (320, 32, 1, 1)),
+    "long w2 rows": ((2, 3), (6, 300), (12, 900)),  # plain broadcast layout (rebuild.KRON_SHORT_RUN)
+    "w1 one column": ((4, 1), (6, 50), (24, 50)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("strength", [1.0, 0.37, -1.5])
+def test_one_operation_equals_the_float32_path_bit_for_bit(dtype, case, strength):
+    w1_shape, w2_shape, weight_shape = CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    module = lokr(torch.randn(w1_shape, generator=g), torch.randn(w2_shape, generator=g) * 0.05, dtype)
+    weight = (torch.randn(weight_shape, generator=g) * 0.02).to(dtype)
+    out = torch.empty_like(weight)
+    assert module.write_patched(out, weight, strength)
+    assert torch.equal(out, float32_path(module, weight, strength))
+    # In place (fuse=True) gives the same, and agrees with the materialised ΔW to float32 rounding.
+    in_place = weight.clone()
+    assert module.write_patched(in_place, in_place, strength)
+    assert torch.equal(in_place, out)
+    expected = weight.float() + strength * module.delta(weight_shape)
+    assert torch.allclose(out.float(), expected, rtol=0, atol=float(expected.abs().max()) * 2**-7)
+
+
+def test_bf16_factors_on_an_fp16_model_take_the_path_only_when_exact():
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(96, 120, generator=g) * 0.02).half()
+    exact = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.bfloat16)
+    tiny = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 1e-6, torch.bfloat16)
+    assert exact.write_patched(torch.empty_like(weight), weight, 1.0)  # bf16 values of normal size fit fp16
+    out = torch.full_like(weight, 7.0)
+    assert not tiny.write_patched(out, weight, 1.0)  # 1e-6 loses bits as fp16 subnormals
+    assert bool((out == 7.0).all())  # nothing written
+
+
+def test_other_cases_are_left_to_the_float32_path():
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(96, 120, generator=g) * 0.02).half()
+    full = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.float16)
+    low_rank = load_adapter({"lora_unet_x.lokr_w1": torch.randn(4, 3).half(),
+                             "lora_unet_x.lokr_w2_a": torch.randn(24, 2).half(),
+                             "lora_unet_x.lokr_w2_b": torch.randn(2, 40).half(),
+                             "lora_unet_x.alpha": torch.tensor(1.0)}).modules["lora_unet_x"]
+    dora = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.float16,
+                dora_scale=torch.rand(96, 1) + 0.5)
+    out = torch.empty_like(weight)
+    assert not low_rank.write_patched(out, weight, 1.0)  # w2_a @ w2_b is float32, not fp16
+    assert not dora.write_patched(out, weight, 1.0)
+    assert not full.write_patched(out, weight, 0.0)
+    assert not full.write_patched(out, weight.float(), 1.0)  # dtypes differ
+    strided = (torch.randn(120, 96) * 0.02).half().t()
+    assert not full.write_patched(torch.empty_like(weight), strided, 1.0)
+    # add_to (ComfyUI's float32 weight) takes it and matches the row path.
+    work = weight.float()
+    reference = work.clone()
+    with full.float_factors():
+        full.add_rows(reference, 0, 96, 0.5)
+    full.add_to(work, 0.5)
+    assert torch.equal(work, reference)
+
+
+def test_a_pytorch_that_rounds_twice_is_detected(monkeypatch):
+    """The probe fails for a kernel that rounds the product before adding: the path is not taken."""
+    real = torch.addcmul
+
+    def rounds_twice(source, t1, t2, *, value=1.0, out=None):
+        product = (t1.float() * t2.float() * value).to(source.dtype)
+        return torch.add(source, product, out=out)
+
+    rebuild.addcmul_rounds_once.cache_clear()
+    monkeypatch.setattr(torch, "addcmul", rounds_twice)
+    try:
+        assert not rebuild.addcmul_rounds_once(torch.float16)
+        assert rebuild.addcmul_rounds_once(torch.float32)
+        module = lokr(torch.randn(4, 3), torch.randn(24, 40), torch.float16)
+        weight = torch.randn(96, 120).half()
+        assert not module.write_patched(torch.empty_like(weight), weight, 1.0)
+    finally:
+        monkeypatch.setattr(torch, "addcmul", real)
+        rebuild.addcmul_rounds_once.cache_clear()
+    assert rebuild.addcmul_rounds_once(torch.float16)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_pipeline_fp16_lokr_full_equals_the_row_path(lycoris_file, tmp_path, monkeypatch, fuse):
+    """A real fp16 LyCORIS LoKr file (full w1 and w2) on an fp16 model: the one-operation path is
+    taken for every layer and the weights equal the row path's bit for bit."""
+    import lohakr
+
+    path = lycoris_file("sdxl", "lokr_full", "fp16").path
+    taken = []
+    real = LokrModule.write_patched
+
+    def spy(self, out, source, strength):
+        done = real(self, out, source, strength)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(LokrModule, "write_patched", spy)
+    fast = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
+    fast.load_lokr(path, "a")
+    assert taken and all(taken)
+    monkeypatch.setattr(LokrModule, "write_patched", lambda self, out, source, strength: False)
+    rows = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
+    rows.load_lokr(path, "a")
+    _, got = layer_weights(fast)
+    _, want = layer_weights(rows)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    if not fuse:
+        monkeypatch.setattr(LokrModule, "write_patched", spy)
+        fast.set_lycoris_strength("a", 0.3)
+        rows.set_lycoris_strength("a", 0.3)
+        _, got = layer_weights(fast)
+        _, want = layer_weights(rows)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("w2_shape", [(6, 40), (6, 300)], ids=["tiled", "broadcast"])
+@pytest.mark.parametrize("rows", [(0, 18), (6, 12), (7, 11), (12, 13)], ids=str)
+def test_row_blocks_equal_the_whole_weight(w2_shape, rows):
+    """``kron_add_rows`` on whole w2 blocks or within one block gives the rows ``kron_add`` gives
+    for the whole weight (same products, same bits) and the materialised Kronecker product."""
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(3, 4, generator=g), torch.randn(*w2_shape, generator=g)
+    weight = torch.randn(18, 4 * w2_shape[1], generator=g)
+    operands = rebuild.kron_operands(w1, w2)
+    whole = rebuild.kron_add(torch.empty_like(weight), weight, *operands, 0.3)
+    start, stop = rows
+    part = weight[start:stop].clone()
+    rebuild.kron_add_rows(part, start, stop, *operands, 0.3)
+    assert torch.equal(part, whole[start:stop])
+    assert torch.allclose(whole, weight + 0.3 * rebuild.kron(w1, w2), rtol=1e-6, atol=1e-6)
+    if stop - start > 6 and start % 6:
+        with pytest.raises(ValueError, match="partially"):
+            rebuild.kron_add_rows(weight.clone()[start:stop + 6], start, stop + 6, *operands, 0.3)
