@@ -224,11 +224,12 @@ class AdapterModule:
         """The bias update, for modules that carry one (full ``diff_b``); else ``None``."""
         return None
 
-    def add_to(self, weight: Tensor, strength: float) -> Tensor:
+    def add_to(self, weight: Tensor, strength: float, scratch: rebuild.Scratch | None = None) -> Tensor:
         """Apply this module at ``strength`` to ``weight`` (float32, modified in place).
 
         Without DoRA: ``W += μ·s·R``. With DoRA: ``W ← W + μ·(DoRA(W + s·R) − W)``, where ``W`` is
-        the weight before this module (μ = 0 leaves it exactly unchanged).
+        the weight before this module (μ = 0 leaves it exactly unchanged). ``scratch``: buffers to
+        reuse across calls (else fresh ones for this call).
         """
         if strength == 0:
             return weight
@@ -239,7 +240,7 @@ class AdapterModule:
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
             budget = self.chunk_elements(weight.device)
-            scratch = rebuild.Scratch()
+            scratch = scratch or rebuild.Scratch()
             with self.float_factors():
                 for chunk in rebuild.row_chunks(shape[0], rows.shape[1], align=self.row_alignment, budget=budget):
                     self.add_rows(rows[chunk], chunk.start, chunk.stop, strength, scratch)

@@ -318,7 +318,7 @@ def _write_weight(weight: Tensor, source: Tensor, contributions, scratch: Scratc
         return
     work = source.to(device=device, dtype=torch.float32, copy=True)
     for _, module, strength in contributions:
-        module.add_to(work, strength)
+        module.add_to(work, strength, scratch)
     weight.copy_(work)
 
 
