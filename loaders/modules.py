@@ -376,10 +376,24 @@ class LohaModule(AdapterModule):
         if strength == 0 or self.dora_scale is not None:
             return super().add_rows(work, start, stop, strength)
         scratch = scratch or rebuild.Scratch()
-        branches = [rebuild.loha_branch_rows(*self._branch_factors(i, work.device), start, stop,
-                                             out=scratch.get(work.device, tuple(work.shape), slot=slot))
-                    for slot, i in ((1, "1"), (2, "2"))]
-        return work.addcmul_(*branches, value=strength * self.scale)
+        outs, ins = self._stacked_factors(work.device)
+        both = scratch.get(work.device, (2 * (stop - start), work.shape[1]), slot=1)
+        branch1, branch2 = rebuild.loha_branches_rows(outs, ins, start, stop, self.tucker,
+                                                      out=both.view(2, stop - start, -1))
+        return work.addcmul_(branch1, branch2, value=strength * self.scale)
+
+    def _stacked_factors(self, device) -> tuple[Tensor, Tensor]:
+        """Both branches' factors stacked for ``rebuild.loha_branches_rows`` (built once per device
+        inside ``float_factors``): output factors ``(2, O, r)`` (Tucker: ``(2, r, O)``) and input
+        factors ``(2, r, I·k…)`` (Tucker: the halves, ``tucker_inner``)."""
+        def build() -> tuple[Tensor, Tensor]:
+            pairs = [self._branch_factors(i, device) for i in ("1", "2")]
+            outs = torch.stack([a for a, _, _ in pairs])
+            if self.tucker:
+                return outs, torch.stack([h.reshape(h.shape[0], -1) for _, _, h in pairs])
+            return outs, torch.stack([b for _, b, _ in pairs])
+
+        return self._cached("stacked", device, build)
 
 
 @dataclass(eq=False)
