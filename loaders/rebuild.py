@@ -78,16 +78,6 @@ class Scratch:
         return buffer[:need].view(shape)
 
 
-def loha_branch_rows(a: Tensor, b: Tensor, half: Tensor | None, start: int, stop: int,
-                     out: Tensor | None = None) -> Tensor:
-    """Output rows ``start:stop`` of one Hadamard branch, 2-D ``(rows, I·k…)``: ``a[rows] @ b``, or
-    in Tucker mode (``half = tucker_inner(t, b)``, ``a`` stored ``(r, O)``) the Tucker rebuild's
-    rows, ``a[:, rows]ᵀ @ half``. Written into ``out`` when given."""
-    if half is None:
-        return torch.mm(a[start:stop], b, out=out)
-    return torch.mm(a[:, start:stop].t(), half.reshape(half.shape[0], -1), out=out)
-
-
 def loha_branches_rows(outs: Tensor, ins: Tensor, start: int, stop: int, tucker: bool,
                        out: Tensor | None = None) -> Tensor:
     """Output rows ``start:stop`` of both Hadamard branches at once, ``(2, rows, I·k…)``, by one
@@ -117,15 +107,20 @@ def loha_product(
     tucker = t1 is not None
     out_dim = w1_a.shape[1] if tucker else w1_a.shape[0]
     stop = out_dim if stop is None else stop
-    half1 = tucker_inner(t1, w1_b) if tucker else None
-    half2 = tucker_inner(t2, w2_b) if tucker else None
-    width = half1[0].numel() if tucker else flatten_factor(w1_b).shape[1]
-    b1, b2 = (w1_b, w2_b) if tucker else (flatten_factor(w1_b), flatten_factor(w2_b))
+    if tucker:
+        ins = [tucker_inner(t1, w1_b), tucker_inner(t2, w2_b)]
+        ins = torch.stack([h.reshape(h.shape[0], -1) for h in ins])
+    else:
+        ins = torch.stack([flatten_factor(w1_b), flatten_factor(w2_b)])
+    outs = torch.stack([w1_a, w2_a] if tucker else [flatten_factor(w1_a), flatten_factor(w2_a)])
+    width = ins.shape[2]
     out = torch.empty(stop - start, width, dtype=w1_b.dtype, device=w1_b.device)
-    for rows in row_chunks(stop, width, start):
-        chunk = out[rows.start - start: rows.stop - start]
-        torch.mul(loha_branch_rows(w1_a, b1, half1, rows.start, rows.stop),
-                  loha_branch_rows(w2_a, b2, half2, rows.start, rows.stop), out=chunk)
+    chunks = row_chunks(stop, width, start)
+    both = torch.empty(2, chunks[0].stop - chunks[0].start if chunks else 0, width, dtype=out.dtype, device=out.device)
+    for rows in chunks:
+        branch1, branch2 = loha_branches_rows(outs, ins, rows.start, rows.stop, tucker,
+                                              out=both[:, : rows.stop - rows.start])
+        torch.mul(branch1, branch2, out=out[rows.start - start: rows.stop - start])
     return out
 
 
