@@ -18,6 +18,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
 
@@ -72,12 +74,39 @@ def sync(device: str) -> None:
 
 class Timer:
     """Median wall time of a callable; also the peak memory it added (RSS on CPU, allocator on CUDA).
-    Every run's time is kept in ``runs`` (label → list), for the spread."""
+    Every run's time is kept in ``runs`` (label → list), for the spread, and the CPU time the
+    kernel spent for the process (mostly faulting in fresh pages) and its minor page faults in
+    ``kernel`` (label → list of (seconds, faults))."""
 
     def __init__(self, device: str, warmup: int = 1):
         self.device = device
         self.warmup = warmup
         self.runs: dict[str, list[float]] = {}
+        self.kernel: dict[str, list[tuple[float, int]]] = {}
+
+    def _once(self, fn) -> tuple[float, int, float, int]:
+        """One timed run: wall seconds, peak bytes added, kernel CPU seconds, minor page faults."""
+        gc.collect()
+        sync(self.device)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            reset_peak()
+            base = rss_bytes()
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        fn()
+        sync(self.device)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else peak_bytes()
+        return wall, max(0, peak - base), after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
+
+    def _keep(self, label: str | None, times: list[float], kernel: list[tuple[float, int]]) -> None:
+        if label:
+            self.runs[label] = times
+            self.kernel[label] = kernel
 
     def __call__(self, fn, setup=None, reps: int = 3, label: str | None = None, warmup: int | None = None):
         """``warmup`` untimed runs first (default: the timer's): on a VM the first touch of fresh
@@ -86,27 +115,38 @@ class Timer:
             if setup:
                 setup()
             fn()
-        times, peaks = [], []
+        times, peaks, kernel = [], [], []
         for _ in range(reps):
             if setup:
                 setup()
-            gc.collect()
-            sync(self.device)
-            if self.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            else:
-                reset_peak()
-                base = rss_bytes()
-            start = time.perf_counter()
-            fn()
-            sync(self.device)
-            times.append(time.perf_counter() - start)
-            peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else peak_bytes()
-            peaks.append(max(0, peak - base))
-        if label:
-            self.runs[label] = times
+            wall, peak, kernel_s, faults = self._once(fn)
+            times.append(wall)
+            peaks.append(peak)
+            kernel.append((kernel_s, faults))
+        self._keep(label, times, kernel)
         return statistics.median(times), max(peaks)
+
+    def cycle(self, steps: list[tuple[str, Callable[[], object]]], reps: int = 3, tag: str = "",
+              warmup: int | None = None) -> dict[str, tuple[float, int]]:
+        """Run ``steps`` in order ``reps`` times (after untimed warm-up cycles), timing each step.
+        Interleaved, so a VM's drift slows every step of a cycle alike and their ratios hold.
+        Returns label → (median seconds, peak bytes added)."""
+        for _ in range(self.warmup if warmup is None else warmup):
+            for _, fn in steps:
+                fn()
+        measured = {label: ([], [], []) for label, _ in steps}
+        for _ in range(reps):
+            for label, fn in steps:
+                wall, peak, kernel_s, faults = self._once(fn)
+                times, peaks, kernel = measured[label]
+                times.append(wall)
+                peaks.append(peak)
+                kernel.append((kernel_s, faults))
+        result = {}
+        for label, (times, peaks, kernel) in measured.items():
+            self._keep(tag + label, times, kernel)
+            result[label] = (statistics.median(times), max(peaks))
+        return result
 
 
 # -- models and files ---------------------------------------------------------------------------
@@ -186,6 +226,21 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
         a @ b
     sync(device)
     flops = 2 * n**3 * reps / (time.perf_counter() - start)
+    # A rank-32 batched GEMM, the shape LoHa's row blocks use, can run faster than the square one
+    # (on this project's 2-core CPU VM: 150-175 against 137 GFLOP/s); a lower bound takes the best.
+    rows, rank, width = (2048, 32, 2560) if device.startswith("cuda") else (512, 32, 2560)
+    outs = torch.randn(2, rows, rank, device=device)
+    ins = torch.randn(2, rank, width, device=device)
+    both = torch.empty(2, rows, width, device=device)
+    torch.bmm(outs, ins, out=both)
+    sync(device)
+    batched_reps = 20 * reps
+    start = time.perf_counter()
+    for _ in range(batched_reps):
+        torch.bmm(outs, ins, out=both)
+    sync(device)
+    batched = 2 * 2 * rows * rank * width * batched_reps / (time.perf_counter() - start)
+    del outs, ins, both
     size = 256 * 2**20
     x = torch.empty(size // 4, device=device, dtype=torch.float32).fill_(1)
     y = torch.empty_like(x)
@@ -212,7 +267,8 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
         sync(device)
         fresh = max(fresh, 2**30 / (time.perf_counter() - start))
         del z
-    return {"gemm_flops": flops, "bandwidth": bandwidth, "first_touch_bandwidth": fresh}
+    return {"gemm_flops": max(flops, batched), "square_gemm_flops": flops, "rank32_gemm_flops": batched,
+            "bandwidth": bandwidth, "first_touch_bandwidth": fresh}
 
 
 def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float, int]:
@@ -259,21 +315,19 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="auto", tag=""):
         if pipe.lycoris_adapters():
             pipe.unload_lycoris()
 
-    load, peak = timer(lambda: pipe.load_lycoris(adapter, "bench"), setup=unload, reps=reps, label=f"{tag}load")
-    results.update(load_patch_s=load, peak_extra_bytes=peak)
-    results["strength_s"], _ = timer(lambda: pipe.set_lycoris_strength("bench", 0.5), reps=reps,
-                                     label=f"{tag}strength")
+    unload()
+    cycle = timer.cycle([("load", lambda: pipe.load_lycoris(adapter, "bench")),
+                         ("strength", lambda: pipe.set_lycoris_strength("bench", 0.5)),
+                         ("unload", lambda: pipe.unload_lycoris("bench"))], reps=reps, tag=tag)
+    results.update(load_patch_s=cycle["load"][0], peak_extra_bytes=cycle["load"][1],
+                   strength_s=cycle["strength"][0], unload_s=cycle["unload"][0])
+    pipe.load_lycoris(adapter, "bench")
     results["kept_originals_bytes"] = pipe.__dict__["_lohakr_patcher"].kept_bytes
-
-    def reload():
-        unload()
-        pipe.load_lycoris(adapter, "bench")
-
-    results["unload_s"], _ = timer(lambda: pipe.unload_lycoris("bench"), setup=reload, reps=reps,
-                                   label=f"{tag}unload")
+    unload()
     if keep_originals_on == "auto":
         results.update(run_fused(parts, adapter, timer, reps, tag))
     results["runs"] = {k[len(tag):]: v for k, v in timer.runs.items() if k.startswith(tag)}
+    results["kernel"] = {k[len(tag):]: v for k, v in timer.kernel.items() if k.startswith(tag)}
     return results
 
 
@@ -386,7 +440,8 @@ def main(argv=None) -> int:
                     "dtype": args.dtype}
     peaks = machine_peaks(device, dtype)
     report["roofline"] = peaks
-    print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32), "
+    print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32; "
+          f"square {peaks['square_gemm_flops'] / 1e9:.0f}, rank-32 batched {peaks['rank32_gemm_flops'] / 1e9:.0f}), "
           f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s, writing fresh memory {peaks['first_touch_bandwidth'] / 1e9:.1f} GB/s")
     names = [n for n in args.adapters.split(",") if n]
     cached = {name: cached_adapter_file(name, ADAPTERS[name]) for name in names}
@@ -439,6 +494,12 @@ def main(argv=None) -> int:
         print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
               f"[{min(load_runs):.2f}..{max(load_runs):.2f}] ({ours['load_patch_s'] / bound:.2f}× bound, best run "
               f"{min(load_runs) / bound:.2f}×)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}")
+        cycles = [s / l for s, l in zip(ours["runs"]["strength"], load_runs)]
+        faults = ours["kernel"]["load"]
+        print(f"           per load-strength-unload cycle: strength / load {statistics.median(cycles):.2f} "
+              f"[{min(cycles):.2f}..{max(cycles):.2f}]; a load's kernel CPU time {statistics.median(k for k, _ in faults):.2f} s "
+              f"({statistics.median(n for _, n in faults) / 1e6:.2f} M page faults; a strength change's "
+              f"{statistics.median(k for k, _ in ours['kernel']['strength']):.2f} s)")
         working = ours["peak_extra_bytes"] - ours["kept_originals_bytes"]
         print(f"           peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB = originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB "
               f"{'+' if working >= 0 else '-'} {abs(working) / 2**20:.0f} MiB (largest layer's float32 ΔW: "
