@@ -461,10 +461,12 @@ class LokrModule(AdapterModule):
         """On the CPU, ``out = source + μ·s·(w1 ⊗ w2)`` as one multiply-add in the weight's own
         dtype: no float32 copy of the weight, one pass over it. Taken only where the bits equal the
         float32 path's: no DoRA, w1 and w2 exact in that dtype (full factors stored in it; a
-        low-rank product is not) and a PyTorch that multiply-adds half/bfloat16 in float32
-        (``rebuild.addcmul_rounds_once``)."""
+        low-rank product, float32, is not even tried below float32: it practically never is) and a
+        PyTorch that multiply-adds half/bfloat16 in float32 (``rebuild.addcmul_rounds_once``)."""
         dtype = out.dtype
-        if (strength == 0 or self.dora_scale is not None or out.device.type != "cpu"
+        low_rank = self.w1_low_rank or self.w2_low_rank
+        if (strength == 0 or self.dora_scale is not None or (low_rank and dtype != torch.float32)
+                or out.device.type != "cpu"
                 or source.device != out.device or source.dtype != dtype
                 or dtype not in (torch.float16, torch.bfloat16, torch.float32)
                 or not (out.is_contiguous() and source.is_contiguous())

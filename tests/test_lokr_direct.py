@@ -87,6 +87,14 @@ def test_other_cases_are_left_to_the_float32_path():
     assert not full.write_patched(out, weight.float(), 1.0)  # dtypes differ
     strided = (torch.randn(120, 96) * 0.02).half().t()
     assert not full.write_patched(torch.empty_like(weight), strided, 1.0)
+    # On a float32 weight a low-rank product is exact as it is: one multiply-add, same bits.
+    weight32 = weight.float()
+    out32 = torch.empty_like(weight32)
+    assert low_rank.write_patched(out32, weight32, 0.7)
+    reference32 = weight32.clone()
+    with low_rank.float_factors():
+        low_rank.add_rows(reference32, 0, 96, 0.7)
+    assert torch.equal(out32, reference32)
     # add_to (ComfyUI's float32 weight) takes it and matches the row path.
     work = weight.float()
     reference = work.clone()
