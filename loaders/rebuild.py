@@ -165,7 +165,8 @@ def kron_operands(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     (a, c), (b, k) = w1.shape, w2.shape
     if k >= KRON_SHORT_RUN or c == 1:
         return w1.reshape(a, 1, c, 1), w2.reshape(1, b, 1, k)
-    # expand + reshape copies once; 2-3x faster here than repeat_interleave / repeat.
+    # expand + reshape: one copy each, faster than repeat_interleave / repeat (32 against 42 µs
+    # for a 32×64 ⊗ 40×80 pair on a CPU).
     return (w1.unsqueeze(2).expand(a, c, k).reshape(a, 1, 1, c * k),
             w2.unsqueeze(1).expand(b, c, k).reshape(1, b, 1, c * k))
 
