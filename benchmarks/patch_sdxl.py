@@ -18,7 +18,6 @@ import json
 import mmap
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
+
+try:
+    import resource  # kernel CPU time and page faults (Unix)
+except ImportError:  # Windows: those two figures read 0
+    resource = None
 
 os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
 
@@ -72,6 +76,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _kernel_usage() -> tuple[float, int]:
+    """This process's kernel CPU seconds and minor page faults so far ((0, 0) where unknown)."""
+    if resource is None:
+        return 0.0, 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
+
+
 class Timer:
     """Median wall time of a callable; also the peak memory it added (RSS on CPU, allocator on CUDA).
     Every run's time is kept in ``runs`` (label → list), for the spread, and the CPU time the
@@ -94,14 +106,14 @@ class Timer:
         else:
             reset_peak()
             base = rss_bytes()
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        before = _kernel_usage()
         start = time.perf_counter()
         fn()
         sync(self.device)
         wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_SELF)
+        after = _kernel_usage()
         peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else peak_bytes()
-        return wall, max(0, peak - base), after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
+        return wall, max(0, peak - base), after[0] - before[0], after[1] - before[1]
 
     def _keep(self, label: str | None, times: list[float], kernel: list[tuple[float, int]]) -> None:
         if label:
