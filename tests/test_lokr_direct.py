@@ -36,6 +36,7 @@ CASES = {
     "conv 3x3": ((2, 4), (8, 5, 3, 3), (16, 20, 3, 3)),
     "conv 1x1": ((8, 2), (40, 16, 1, 1), (320, 32, 1, 1)),
     "long w2 rows": ((2, 3), (6, 300), (12, 900)),  # plain broadcast layout (rebuild.KRON_SHORT_RUN)
+    "w2 tiled 3 of 6 times": ((2, 6), (5, 100), (10, 600)),  # runs of 300: the smallest tiling that suffices
     "w1 one column": ((4, 1), (6, 50), (24, 50)),
 }
 
@@ -160,14 +161,15 @@ def test_pipeline_fp16_lokr_full_equals_the_row_path(lycoris_file, tmp_path, mon
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("w2_shape", [(6, 40), (6, 300)], ids=["tiled", "broadcast"])
+@pytest.mark.parametrize("w1_cols, w2_shape", [(4, (6, 40)), (6, (6, 100)), (4, (6, 300))],
+                         ids=["tiled", "partly tiled", "broadcast"])
 @pytest.mark.parametrize("rows", [(0, 18), (6, 12), (7, 11), (12, 13)], ids=str)
-def test_row_blocks_equal_the_whole_weight(w2_shape, rows):
+def test_row_blocks_equal_the_whole_weight(w1_cols, w2_shape, rows):
     """``kron_add_rows`` on whole w2 blocks or within one block gives the rows ``kron_add`` gives
     for the whole weight (same products, same bits) and the materialised Kronecker product."""
     g = torch.Generator().manual_seed(3)
-    w1, w2 = torch.randn(3, 4, generator=g), torch.randn(*w2_shape, generator=g)
-    weight = torch.randn(18, 4 * w2_shape[1], generator=g)
+    w1, w2 = torch.randn(3, w1_cols, generator=g), torch.randn(*w2_shape, generator=g)
+    weight = torch.randn(18, w1_cols * w2_shape[1], generator=g)
     operands = rebuild.kron_operands(w1, w2)
     whole = rebuild.kron_add(torch.empty_like(weight), weight, *operands, 0.3)
     start, stop = rows
@@ -178,3 +180,40 @@ def test_row_blocks_equal_the_whole_weight(w2_shape, rows):
     if stop - start > 6 and start % 6:
         with pytest.raises(ValueError, match="partially"):
             rebuild.kron_add_rows(weight.clone()[start:stop + 6], start, stop + 6, *operands, 0.3)
+
+
+@pytest.mark.parametrize("rows, row_size, align, budget", [
+    (96, 10, 24, 480),     # two blocks per slice
+    (96, 10, 24, 100),     # a block is split into 3 equal parts (8 rows; 10 fit)
+    (96, 10, 24, 70),      # 7 rows fit: 4 parts of 6
+    (40, 1000, 8, 10),     # not even one row fits: one row per slice
+    (50, 10, 1, 130),      # no alignment: 13 rows per slice
+])
+def test_row_chunks_cover_every_row_once_and_never_straddle_a_block(rows, row_size, align, budget):
+    chunks = rebuild.row_chunks(rows, row_size, align=align, budget=budget)
+    assert [r for c in chunks for r in range(c.start, c.stop)] == list(range(rows))
+    fit = max(1, budget // row_size)
+    for c in chunks:
+        assert c.start // align == (c.stop - 1) // align or (c.start % align == 0 and c.stop % align == 0)
+        assert c.stop - c.start <= max(fit, align if fit >= align else 0)
+    if align > fit:  # equal parts of a block, not a budget-sized slice and a sliver
+        assert len({c.stop - c.start for c in chunks}) <= 2
+
+
+def test_blocks_too_big_for_a_row_block_stay_on_the_multiply_add_path(monkeypatch):
+    """A conv LoKr whose w2 block is larger than a row block (SDXL's 1280×2560×3×3 with factor 8)
+    is patched in parts of one block each, by multiply-adds: the Kronecker rows are never built,
+    and the bits equal the whole-weight float32 multiply-add."""
+    from lohakr.loaders.patcher import _write_weight
+
+    g = torch.Generator().manual_seed(5)
+    module = load_adapter({"lora_unet_x.lokr_w1": torch.randn(2, 2, generator=g).half(),
+                           "lora_unet_x.lokr_w2_a": (torch.randn(12, 2, generator=g) * 0.1).half(),
+                           "lora_unet_x.lokr_w2_b": (torch.randn(2, 5, 3, 3, generator=g) * 0.1).half(),
+                           "lora_unet_x.alpha": torch.tensor(1.0)}).modules["lora_unet_x"]
+    weight = (torch.randn(24, 10, 3, 3, generator=g) * 0.02).half()
+    monkeypatch.setattr(rebuild, "BROADCAST_CHUNK_ELEMENTS", 5 * 90)  # 5 of a block's 12 rows
+    monkeypatch.setattr(rebuild, "kron_rows", lambda *a: pytest.fail("Kronecker rows were built"))
+    out = torch.empty_like(weight)
+    _write_weight(out, weight, [(None, module, 0.6)], rebuild.Scratch())
+    assert torch.equal(out, float32_path(module, weight, 0.6))
