@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from . import peft_config
 from .errors import AdapterFormatError, where
 from .metadata import (
     BASE_MODEL_NAMES,
@@ -112,6 +113,7 @@ class Adapter:
     warnings: list[str] = field(default_factory=list)
     base_model: str = "unknown"
     base_model_evidence: str = ""
+    scale_source: str = ""  # where alpha came from when not from the weights (a PEFT config)
 
     @property
     def name(self) -> str:
@@ -190,13 +192,16 @@ def load_adapter(
     *,
     metadata: Mapping[str, str] | None = None,
     zero_alpha_means_rank: bool = False,
+    peft_config: Mapping | str | os.PathLike | None = None,
 ) -> Adapter:
     """Parse a LoHa/LoKr (or mixed LyCORIS) adapter from a ``.safetensors`` path or a state dict.
 
     Every module ends up either in ``Adapter.modules`` (LoHa, LoKr, LoRA/LoCon, full diff) or in
     ``Adapter.skipped`` with the reason. Broken modules raise ``AdapterFormatError`` naming the
     file and module. ``zero_alpha_means_rank`` reads ``alpha == 0`` as LyCORIS' modules do
-    (scale 1) instead of ComfyUI/A1111's scale 0.
+    (scale 1) instead of ComfyUI/A1111's scale 0. A PEFT file's alpha and r come from
+    ``peft_config`` (its ``adapter_config.json``, a path or a dict), by default the one beside
+    the file; without one the scale is unknown, 1 is used and a warning says so.
     """
     if isinstance(path_or_state_dict, Mapping):
         source = "<state dict>"
@@ -229,8 +234,34 @@ def load_adapter(
         if module is not None:
             adapter.modules[module_name] = module
 
+    _apply_peft_config(adapter, peft_config)
     adapter.base_model, adapter.base_model_evidence = _detect_base_model(adapter)
     return adapter
+
+
+def _apply_peft_config(adapter: Adapter, config: Mapping | str | os.PathLike | None) -> None:
+    """Modules without a stored alpha take alpha and r from PEFT's config: the one given, else,
+    for PEFT-named modules (``base_model.model.…``), the ``adapter_config.json`` beside the file
+    (never for other files: a folder of kohya files may hold some PEFT adapter's config)."""
+    peft_named = [name for name, m in adapter.modules.items()
+                  if peft_config.is_peft_name(name) and m.alpha is None and m.uses_alpha]
+    if config is None and peft_named and not adapter.source.startswith("<"):
+        config = peft_config.config_beside(adapter.source)
+    if config is None:
+        if peft_named:
+            message = (
+                f"{adapter.source}: {len(peft_named)} module(s) have PEFT names but no alpha, and there is no "
+                f"{peft_config.CONFIG_NAME} beside the file: PEFT keeps r and alpha there, so the scale "
+                f"alpha/r is unknown and 1 is used. Put the {peft_config.CONFIG_NAME} PEFT saved with these "
+                "weights next to the file (or pass peft_config=)"
+            )
+            adapter.warnings.append(message)
+            warnings.warn(message, stacklevel=3)
+        return
+    data, source = peft_config.read_config(config)
+    count = peft_config.apply_config(adapter.modules, data, source)
+    if count:
+        adapter.scale_source = f"alpha and r of {count} module(s) from {source} (PEFT: scale alpha/r everywhere)"
 
 
 def _build_module(
@@ -340,7 +371,7 @@ class AdapterCache:
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
-        self._entries: dict[str, tuple[tuple[int, int], Adapter]] = {}
+        self._entries: dict[str, tuple[tuple, Adapter]] = {}
 
     def load(self, path: str | os.PathLike) -> Adapter:
         path = os.fspath(path)
@@ -348,7 +379,9 @@ class AdapterCache:
             stat = os.stat(path)
         except OSError as err:
             raise AdapterFormatError(f"{path}: cannot read the file ({err.strerror or err})") from err
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        config = peft_config.config_beside(path)  # PEFT's alpha lives there: a change re-reads the file
+        config_stat = config.stat() if config is not None else None
+        stamp = (stat.st_size, stat.st_mtime_ns, config_stat and (config_stat.st_size, config_stat.st_mtime_ns))
         hit = self._entries.pop(path, None)
         if hit is not None and hit[0] == stamp:
             self._entries[path] = hit

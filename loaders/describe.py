@@ -49,6 +49,7 @@ def describe_adapter(adapter: Adapter, *, top_tags: int = 10) -> dict[str, Any]:
         "ranks": _distribution([m.rank for m in modules]),
         "alphas": _distribution([m.alpha for m in modules]),
         "scales": _distribution([round(m.scale, 6) for m in modules]),
+        "scale_source": adapter.scale_source,
         "lokr_factors": _distribution([m.factor for m in lokr]),
         "lokr_full_w2": sum(1 for m in lokr if not m.w2_low_rank),
         "tucker": sum(1 for m in modules if m.tucker),
@@ -91,6 +92,8 @@ def format_description(d: dict[str, Any]) -> str:
     lines.append(f"  ranks       {_fmt_dist(d['ranks'])}")
     lines.append(f"  alphas      {_fmt_dist(d['alphas'])}")
     lines.append(f"  scales      {_fmt_dist(d['scales'])}")
+    if d.get("scale_source"):
+        lines.append(f"              {d['scale_source']}")
     if d["lokr_factors"]:
         lines.append(f"  LoKr factor {_fmt_dist(d['lokr_factors'])}; full w2 in {d['lokr_full_w2']} modules")
     lines.append(f"  tucker      {d['tucker']} modules; DoRA {d['dora']} modules"

@@ -41,6 +41,7 @@ class AdapterModule:
     dora_prefer_output: bool = True
     zero_alpha_means_rank: bool = False
     notes: list[str] = field(default_factory=list)
+    config_rank: int | None = None  # PEFT's r from adapter_config.json: divides alpha in every case
 
     kind: ClassVar[str] = ""
     uses_alpha: ClassVar[bool] = True
@@ -63,8 +64,9 @@ class AdapterModule:
     def scale(self) -> float:
         """``s`` of spec §3.1: ``α/r``; 1 without alpha or without a rank (full+full LoKr);
         0 for ``α == 0`` (as ComfyUI/A1111/InvokeAI; ``zero_alpha_means_rank`` gives LyCORIS' 1).
+        PEFT files divide by their config's r (``config_rank``) always, full LoKr too (spec D1).
         A stored ``scalar`` (never written by current trainers) multiplies in."""
-        rank = self.rank
+        rank = self.rank if self.config_rank is None else self.config_rank
         if not self.uses_alpha or rank is None or self.alpha is None:
             s = 1.0
         elif self.alpha == 0:
