@@ -224,11 +224,13 @@ def make_adapter_file(parts: dict, name: str, config: dict) -> Path:
 
 
 # -- roofline ------------------------------------------------------------------------------------
-def machine_peaks(device: str, dtype: torch.dtype) -> dict:
+def gemm_peak(device: str) -> dict:
+    """The fp32 GEMM rate: a square GEMM and a rank-32 batched GEMM of LoHa's row-block shape,
+    which can run faster than the square one (on this project's 2-core CPU VM: 150-175 against
+    137 GFLOP/s); a lower bound takes the best. About 0.3 s on a CPU."""
     n = 4096 if device.startswith("cuda") else 2048
-    compute_dtype = torch.float32
-    a = torch.randn(n, n, device=device, dtype=compute_dtype)
-    b = torch.randn(n, n, device=device, dtype=compute_dtype)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     for _ in range(2):
         a @ b
     sync(device)
@@ -238,8 +240,6 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
         a @ b
     sync(device)
     flops = 2 * n**3 * reps / (time.perf_counter() - start)
-    # A rank-32 batched GEMM, the shape LoHa's row blocks use, can run faster than the square one
-    # (on this project's 2-core CPU VM: 150-175 against 137 GFLOP/s); a lower bound takes the best.
     rows, rank, width = (2048, 32, 2560) if device.startswith("cuda") else (512, 32, 2560)
     outs = torch.randn(2, rows, rank, device=device)
     ins = torch.randn(2, rank, width, device=device)
@@ -252,7 +252,12 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
         torch.bmm(outs, ins, out=both)
     sync(device)
     batched = 2 * 2 * rows * rank * width * batched_reps / (time.perf_counter() - start)
-    del outs, ins, both
+    return {"gemm_flops": max(flops, batched), "square_gemm_flops": flops, "rank32_gemm_flops": batched}
+
+
+def machine_peaks(device: str, dtype: torch.dtype) -> dict:
+    peaks = gemm_peak(device)
+    reps = 10 if device.startswith("cuda") else 3
     size = 256 * 2**20
     x = torch.empty(size // 4, device=device, dtype=torch.float32).fill_(1)
     y = torch.empty_like(x)
@@ -279,8 +284,7 @@ def machine_peaks(device: str, dtype: torch.dtype) -> dict:
         sync(device)
         fresh = max(fresh, 2**30 / (time.perf_counter() - start))
         del z
-    return {"gemm_flops": max(flops, batched), "square_gemm_flops": flops, "rank32_gemm_flops": batched,
-            "bandwidth": bandwidth, "first_touch_bandwidth": fresh}
+    return {**peaks, "bandwidth": bandwidth, "first_touch_bandwidth": fresh}
 
 
 def adapter_cost(adapter, layout, dtype: torch.dtype) -> tuple[float, float, int]:
@@ -334,14 +338,16 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="auto", tag=""):
             for kept in pipe.__dict__["_lohakr_patcher"]._originals.values():
                 kept.target.layer.weight.copy_(kept.weight)
 
+    gemm_rates: list[float] = []
     unload()
     cycle = timer.cycle([("load", lambda: pipe.load_lycoris(adapter, "bench")),
+                         ("gemm", lambda: gemm_rates.append(gemm_peak(timer.device)["gemm_flops"])),
                          ("copy", copy_same_bytes),  # the strength change below recomputes every weight
                          ("strength", lambda: pipe.set_lycoris_strength("bench", 0.5)),
                          ("unload", lambda: pipe.unload_lycoris("bench"))], reps=reps, tag=tag)
     results.update(load_patch_s=cycle["load"][0], peak_extra_bytes=cycle["load"][1],
                    strength_s=cycle["strength"][0], unload_s=cycle["unload"][0],
-                   same_bytes_copy_s=cycle["copy"][0])
+                   same_bytes_copy_s=cycle["copy"][0], cycle_gemm_flops=gemm_rates[-reps:])
     pipe.load_lycoris(adapter, "bench")
     results["kept_originals_bytes"] = pipe.__dict__["_lohakr_patcher"].kept_bytes
     unload()
@@ -370,13 +376,15 @@ def run_fused(parts, adapter, timer, reps, tag) -> dict:
 
     # Restoring is itself a copy of the same weights (read the snapshot, write the live weight):
     # timed in the same cycle, it is the fused load's memory reference.
-    cycle = timer.cycle([("fused_restore", restore), ("fused", lambda: pipe.load_lycoris(adapter, "fused"))],
-                        reps=reps, tag=tag)
+    gemm_rates: list[float] = []
+    cycle = timer.cycle([("fused_restore", restore),
+                         ("fused_gemm", lambda: gemm_rates.append(gemm_peak(timer.device)["gemm_flops"])),
+                         ("fused", lambda: pipe.load_lycoris(adapter, "fused"))], reps=reps, tag=tag)
     restore()
     del snapshot
     gc.collect()
     return {"fused_load_s": cycle["fused"][0], "fused_peak_extra_bytes": cycle["fused"][1],
-            "fused_restore_copy_s": cycle["fused_restore"][0]}
+            "fused_restore_copy_s": cycle["fused_restore"][0], "fused_cycle_gemm_flops": gemm_rates[-reps:]}
 
 
 def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
@@ -529,19 +537,31 @@ def main(argv=None) -> int:
         # fault in unless it reuses freed ones. Each load's own bound adds the pages it faulted in
         # (at most the new storage) at the fresh-memory rate measured before this adapter.
         new_storage = entry["bytes_min"] / 2
-        ours["load_bounds_s"] = [max(entry["flops"] / now["gemm_flops"], entry["bytes_min"] / now["bandwidth"]
-                                     + min(n * mmap.PAGESIZE, new_storage) / now["first_touch_bandwidth"])
-                                 for _, n in faults]
+        fault_s = [min(n * mmap.PAGESIZE, new_storage) / now["first_touch_bandwidth"] for _, n in faults]
+        ours["load_bounds_s"] = [max(entry["flops"] / now["gemm_flops"], entry["bytes_min"] / now["bandwidth"] + f)
+                                 for f in fault_s]
         own = [t / b for t, b in zip(load_runs, ours["load_bounds_s"])]
         print(f"           each load against its own bound (the bound plus the pages it faulted in, at the fresh-memory "
               f"rate): {statistics.median(own):.2f}× [{min(own):.2f}..{max(own):.2f}]")
+        # The roofline measured in each cycle, seconds from the steps it bounds: the GEMM rate
+        # then, and a plain copy of the same weights (every kept original read, every live weight
+        # written: the bytes a strength change must move; for fused loads, restoring the weights
+        # from a snapshot). A VM's speed drifts 2-3x within minutes; this bound drifts with it.
         runs = ours["runs"]
-        same = {step: [t / c for t, c in zip(runs[step], runs[ref])]
-                for step, ref in (("load", "copy"), ("strength", "copy"), ("fused", "fused_restore"))}
-        print("           vs a plain copy of the same weights in the same cycle (every kept original read, every "
-              "live weight written: " + f"{ours['same_bytes_copy_s']:.2f} s): "
-              + ", ".join(f"{step} {statistics.median(r):.2f}× [{min(r):.2f}..{max(r):.2f}]" for step, r in same.items())
-              + " (fused: vs restoring the weights from a snapshot)")
+        no_faults = [0.0] * len(fault_s)
+        in_cycle = {}
+        for step, copy_step, rates, extra in (
+                ("load", "copy", ours["cycle_gemm_flops"], fault_s),
+                ("strength", "copy", ours["cycle_gemm_flops"], no_faults),
+                ("fused", "fused_restore", ours.get("fused_cycle_gemm_flops", []), no_faults)):
+            bounds = [max(entry["flops"] / rate, copy + e) for rate, copy, e in zip(rates, runs.get(copy_step, []), extra)]
+            in_cycle[step] = [t / b for t, b in zip(runs.get(step, []), bounds)]
+        ours["in_cycle_bound_ratios"] = in_cycle
+        print("           against the roofline measured in the same cycle (its GEMM rate, median "
+              f"{statistics.median(ours['cycle_gemm_flops']) / 1e9:.0f} GFLOP/s, and a plain copy of the same weights, "
+              f"median {ours['same_bytes_copy_s']:.2f} s; loads: plus their page faults): "
+              + ", ".join(f"{step} {statistics.median(r):.2f}× [{min(r):.2f}..{max(r):.2f}]"
+                          for step, r in in_cycle.items() if r))
         working = ours["peak_extra_bytes"] - ours["kept_originals_bytes"]
         print(f"           peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB = originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB "
               f"{'+' if working >= 0 else '-'} {abs(working) / 2**20:.0f} MiB (largest layer's float32 ΔW: "
