@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from lohakr import load_adapter
+from lohakr.loaders.describe import describe_adapter, format_description
 from lohakr.loaders.errors import AdapterFormatError
 from test_diffusers import make_pipe
 
@@ -61,6 +62,7 @@ def test_a_peft_file_patches_what_peft_merges(case, tmp_path):
 
     adapter = load_adapter(path)
     assert "adapter_config.json" in adapter.scale_source
+    assert adapter.scale_source in format_description(describe_adapter(adapter))  # `lohakr info` says so
     scales = {name.removeprefix("base_model.model."): m.scale for name, m in adapter.modules.items()}
     for name, scale in scales.items():  # the patterns above, as PEFT reads them
         rank = 2 if config.get("rank_pattern") and name.endswith("attn1.to_q") else config["r"]
