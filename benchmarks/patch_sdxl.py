@@ -255,6 +255,11 @@ def gemm_peak(device: str) -> dict:
     return {"gemm_flops": max(flops, batched), "square_gemm_flops": flops, "rank32_gemm_flops": batched}
 
 
+def gemm_recorder(rates: list[float], device: str) -> Callable[[], None]:
+    """A cycle step that measures the GEMM rate now and appends it to ``rates``."""
+    return lambda: rates.append(gemm_peak(device)["gemm_flops"])
+
+
 def machine_peaks(device: str, dtype: torch.dtype) -> dict:
     peaks = gemm_peak(device)
     reps = 10 if device.startswith("cuda") else 3
@@ -341,7 +346,7 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="auto", tag=""):
     gemm_rates: list[float] = []
     unload()
     cycle = timer.cycle([("load", lambda: pipe.load_lycoris(adapter, "bench")),
-                         ("gemm", lambda: gemm_rates.append(gemm_peak(timer.device)["gemm_flops"])),
+                         ("gemm", gemm_recorder(gemm_rates, timer.device)),
                          ("copy", copy_same_bytes),  # the strength change below recomputes every weight
                          ("strength", lambda: pipe.set_lycoris_strength("bench", 0.5)),
                          ("unload", lambda: pipe.unload_lycoris("bench"))], reps=reps, tag=tag)
@@ -378,7 +383,7 @@ def run_fused(parts, adapter, timer, reps, tag) -> dict:
     # timed in the same cycle, it is the fused load's memory reference.
     gemm_rates: list[float] = []
     cycle = timer.cycle([("fused_restore", restore),
-                         ("fused_gemm", lambda: gemm_rates.append(gemm_peak(timer.device)["gemm_flops"])),
+                         ("fused_gemm", gemm_recorder(gemm_rates, timer.device)),
                          ("fused", lambda: pipe.load_lycoris(adapter, "fused"))], reps=reps, tag=tag)
     restore()
     del snapshot
