@@ -476,6 +476,12 @@ def main(argv=None) -> int:
                                 "threads": torch.get_num_threads(), "device": device,
                                 "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
                     "dtype": args.dtype}
+    from lohakr.loaders import native
+
+    if device == "cpu":
+        native.usable(torch.empty(1, dtype=dtype))  # build and check now, not inside a timed load
+    report["machine"]["native_kernels"] = native.status()
+    print(native.status())
     peaks = machine_peaks(device, dtype)
     report["roofline"] = peaks
     print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32; "

@@ -16,7 +16,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor
 
-from . import rebuild
+from . import native, rebuild
 from .errors import AdapterShapeError, where
 
 
@@ -147,7 +147,10 @@ class AdapterModule:
     @contextlib.contextmanager
     def float_factors(self):
         """Within this block, factors are cast to float32 (and shared intermediates such as Tucker
-        halves built) once per device, not once per row block."""
+        halves built) once per device, not once per row block. Nested blocks share the outer one."""
+        if "_float_factors" in self.__dict__:
+            yield self
+            return
         self.__dict__["_float_factors"] = {}
         try:
             yield self
@@ -211,10 +214,11 @@ class AdapterModule:
             return work.copy_(update)
         return work.add_(update.sub_(work), alpha=strength)
 
-    def write_patched(self, out: Tensor, source: Tensor, strength: float) -> bool:
+    def write_patched(self, out: Tensor, source: Tensor, strength: float,
+                      scratch: rebuild.Scratch | None = None) -> bool:
         """Write ``source`` patched by this module at ``strength`` into ``out`` (same shape and dtype,
-        contiguous; ``out`` may be ``source``) in one operation straight in the weight's dtype, when
-        that gives exactly the float32 path's bits. Returns False, writing nothing, when it cannot."""
+        contiguous; ``out`` may be ``source``) in one pass straight in the weight's dtype, when that
+        gives exactly the float32 path's bits. Returns False, writing nothing, when it cannot."""
         return False
 
     @property
@@ -237,7 +241,7 @@ class AdapterModule:
             return weight
         shape = _shape(weight)
         self._check(shape)
-        if weight.is_contiguous() and self.write_patched(weight, weight, strength):
+        if weight.is_contiguous() and self.write_patched(weight, weight, strength, scratch):
             return weight
         if self.works_by_rows(shape) and weight.is_contiguous():
             rows = weight.view(shape[0], -1)
@@ -384,6 +388,26 @@ class LohaModule(AdapterModule):
                                                       out=both.view(2, stop - start, -1))
         return work.addcmul_(branch1, branch2, value=strength * self.scale)
 
+    def write_patched(self, out: Tensor, source: Tensor, strength: float,
+                      scratch: rebuild.Scratch | None = None) -> bool:
+        """Half/bfloat16 on a CPU with the native kernels: both branches of a row block built by one
+        GEMM into a reused buffer, then ``out = source + μ·s·(branch1 ⊙ branch2)`` for those rows
+        in one pass (``native.hadamard_add``): the weight is read once and written once."""
+        if strength == 0 or self.dora_scale is not None or not native.usable(out, source):
+            return False
+        shape = _shape(out)
+        self._check(shape)
+        rows_out, rows_source = out.view(shape[0], -1), source.view(shape[0], -1)
+        scratch = scratch or rebuild.Scratch()
+        with self.float_factors():
+            outs, ins = self._stacked_factors(out.device)
+            for chunk in rebuild.row_chunks(shape[0], rows_out.shape[1], budget=self.chunk_elements(out.device)):
+                rows = chunk.stop - chunk.start
+                both = scratch.get(out.device, (2 * rows, rows_out.shape[1]), slot=1).view(2, rows, -1)
+                branch1, branch2 = rebuild.loha_branches_rows(outs, ins, chunk.start, chunk.stop, self.tucker, out=both)
+                native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, strength * self.scale)
+        return True
+
     def _stacked_factors(self, device) -> tuple[Tensor, Tensor]:
         """Both branches' factors stacked for ``rebuild.loha_branches_rows`` (built once per device
         inside ``float_factors``): output factors ``(2, O, r)`` (Tucker: ``(2, r, O)``) and input
@@ -459,12 +483,21 @@ class LokrModule(AdapterModule):
         t1, t2 = self.kron_operands(work.device, torch.float32)
         return rebuild.kron_add_rows(work, start, stop, t1, t2, strength * self.scale)
 
-    def write_patched(self, out: Tensor, source: Tensor, strength: float) -> bool:
-        """On the CPU, ``out = source + μ·s·(w1 ⊗ w2)`` as one multiply-add in the weight's own
-        dtype: no float32 copy of the weight, one pass over it. Taken only where the bits equal the
-        float32 path's: no DoRA, w1 and w2 exact in that dtype (full factors stored in it; a
+    def write_patched(self, out: Tensor, source: Tensor, strength: float,
+                      scratch: rebuild.Scratch | None = None) -> bool:
+        """On the CPU, ``out = source + μ·s·(w1 ⊗ w2)`` in one pass over the weight, never building
+        the Kronecker product. Half/bfloat16 with the native kernels: ``native.kron_add``, any
+        factors. Else one PyTorch multiply-add in the weight's own dtype, taken only where the bits
+        equal the float32 path's: w1 and w2 exact in that dtype (full factors stored in it; a
         low-rank product, float32, is not even tried below float32: it practically never is) and a
-        PyTorch that multiply-adds half/bfloat16 in float32 (``rebuild.addcmul_rounds_once``)."""
+        PyTorch that multiply-adds half/bfloat16 in float32 (``rebuild.addcmul_rounds_once``).
+        Never with DoRA."""
+        if strength != 0 and self.dora_scale is None and native.usable(out, source):
+            self._check(_shape(out))
+            w1, w2 = self.factors_w1_w2(out.device)
+            native.kron_add(out.view(w1.shape[0] * w2.shape[0], -1), source.view(w1.shape[0] * w2.shape[0], -1),
+                            w1 * (strength * self.scale), w2.reshape(w2.shape[0], -1))
+            return True
         dtype = out.dtype
         low_rank = self.w1_low_rank or self.w2_low_rank
         if (strength == 0 or self.dora_scale is not None or (low_rank and dtype != torch.float32)

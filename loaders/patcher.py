@@ -299,7 +299,7 @@ def _write_weight(weight: Tensor, source: Tensor, contributions, scratch: Scratc
     contiguous = weight.is_contiguous() and source.is_contiguous()
     if contiguous and len(contributions) == 1:
         _, module, strength = contributions[0]
-        if module.write_patched(weight, source, strength):
+        if module.write_patched(weight, source, strength, scratch):
             return
     if contiguous and all(m.works_by_rows(shape) for _, m, _ in contributions):
         out_dim = shape[0]

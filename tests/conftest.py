@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -33,3 +34,22 @@ def lycoris_file(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    """Patch through PyTorch's kernels only, as on a machine without a C compiler."""
+    from lohakr.loaders import native
+
+    monkeypatch.setattr(native, "_state", {"library": None, "reason": "off for this test"})
+
+
+@pytest.fixture
+def native_on():
+    """The native kernels, or a skip saying why this machine cannot build them. Built is enough:
+    the tests compare their bits themselves (a failed self-check must fail them, not skip them)."""
+    from lohakr.loaders import native
+
+    if native._load() is None:
+        pytest.skip(native.status())
+    return native

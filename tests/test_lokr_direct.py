@@ -1,5 +1,6 @@
-"""LoKr's one-operation patch (``write_patched``): in the weight's own dtype, and bit for bit what
-the float32 path gives; taken only where that holds, and never silently different."""
+"""LoKr's one-pass patch (``write_patched``): in the weight's own dtype, and bit for bit what the
+float32 path gives; taken only where that holds, and never silently different. Both ways: the
+native kernel (half/bfloat16, any factors) and PyTorch's multiply-add (exact factors only)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,18 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["pytorch", "native"])
+def kernels(request):
+    """Each test twice: with PyTorch's kernels only, and with the native ones (skipped where they
+    cannot be built)."""
+    request.getfixturevalue("native_off" if request.param == "pytorch" else "native_on")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("strength", [1.0, 0.37, -1.5])
-def test_one_operation_equals_the_float32_path_bit_for_bit(dtype, case, strength):
+def test_one_operation_equals_the_float32_path_bit_for_bit(dtype, case, strength, kernels):
     w1_shape, w2_shape, weight_shape = CASES[case]
     g = torch.Generator().manual_seed(len(case))
     module = lokr(torch.randn(w1_shape, generator=g), torch.randn(w2_shape, generator=g) * 0.05, dtype)
@@ -60,7 +69,7 @@ def test_one_operation_equals_the_float32_path_bit_for_bit(dtype, case, strength
     assert torch.allclose(out.float(), expected, rtol=0, atol=float(expected.abs().max()) * 2**-7)
 
 
-def test_bf16_factors_on_an_fp16_model_take_the_path_only_when_exact():
+def test_bf16_factors_on_an_fp16_model_take_the_path_only_when_exact(native_off):
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(96, 120, generator=g) * 0.02).half()
     exact = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.bfloat16)
@@ -71,7 +80,7 @@ def test_bf16_factors_on_an_fp16_model_take_the_path_only_when_exact():
     assert bool((out == 7.0).all())  # nothing written
 
 
-def test_other_cases_are_left_to_the_float32_path():
+def test_other_cases_are_left_to_the_float32_path(native_off):
     g = torch.Generator().manual_seed(2)
     weight = (torch.randn(96, 120, generator=g) * 0.02).half()
     full = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.float16)
@@ -105,7 +114,7 @@ def test_other_cases_are_left_to_the_float32_path():
     assert torch.equal(work, reference)
 
 
-def test_a_pytorch_that_rounds_twice_is_detected(monkeypatch):
+def test_a_pytorch_that_rounds_twice_is_detected(monkeypatch, native_off):
     """The probe fails for a kernel that rounds the product before adding: the path is not taken."""
     real = torch.addcmul
 
@@ -128,17 +137,21 @@ def test_a_pytorch_that_rounds_twice_is_detected(monkeypatch):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_pipeline_fp16_lokr_full_equals_the_row_path(lycoris_file, tmp_path, monkeypatch, fuse):
-    """A real fp16 LyCORIS LoKr file (full w1 and w2) on an fp16 model: the one-operation path is
-    taken for every layer and the weights equal the row path's bit for bit."""
+@pytest.mark.parametrize("variant", ["lokr_full", "lokr_f4"])
+def test_pipeline_fp16_lokr_equals_the_row_path(lycoris_file, tmp_path, monkeypatch, fuse, variant, kernels):
+    """A real fp16 LyCORIS LoKr file on an fp16 model: the one-pass path is taken for every layer
+    (PyTorch's kernels: full w1 and w2 only; native: low-rank w2 too) and the weights equal the row
+    path's bit for bit."""
     import lohakr
 
-    path = lycoris_file("sdxl", "lokr_full", "fp16").path
+    if kernels == "pytorch" and variant != "lokr_full":
+        pytest.skip("PyTorch's one-operation path needs factors exact in fp16 (full w1 and w2)")
+    path = lycoris_file("sdxl", variant, "fp16").path
     taken = []
     real = LokrModule.write_patched
 
-    def spy(self, out, source, strength):
-        done = real(self, out, source, strength)
+    def spy(self, out, source, strength, scratch=None):
+        done = real(self, out, source, strength, scratch)
         taken.append(done)
         return done
 
@@ -146,7 +159,7 @@ def test_pipeline_fp16_lokr_full_equals_the_row_path(lycoris_file, tmp_path, mon
     fast = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     fast.load_lokr(path, "a")
     assert taken and all(taken)
-    monkeypatch.setattr(LokrModule, "write_patched", lambda self, out, source, strength: False)
+    monkeypatch.setattr(LokrModule, "write_patched", lambda self, out, source, strength, scratch=None: False)
     rows = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     rows.load_lokr(path, "a")
     _, got = layer_weights(fast)
@@ -200,7 +213,7 @@ def test_row_chunks_cover_every_row_once_and_never_straddle_a_block(rows, row_si
         assert len({c.stop - c.start for c in chunks}) <= 2
 
 
-def test_blocks_too_big_for_a_row_block_stay_on_the_multiply_add_path(monkeypatch):
+def test_blocks_too_big_for_a_row_block_stay_on_the_multiply_add_path(monkeypatch, native_off):
     """A conv LoKr whose w2 block is larger than a row block (SDXL's 1280×2560×3×3 with factor 8)
     is patched in parts of one block each, by multiply-adds: the Kronecker rows are never built,
     and the bits equal the whole-weight float32 multiply-add."""

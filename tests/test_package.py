@@ -13,3 +13,17 @@ def test_import_is_light_and_registers_classic_nodes_outside_comfyui():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("[] ['LohakrApplyStack', 'LohakrInfo', 'LohakrLoader', 'LohakrLoaderModelOnly', 'LohakrStack']")
     assert "./web" in out
+
+
+def test_a_built_wheel_carries_the_native_kernel_source_and_the_web_files(tmp_path):
+    """``pip install lohakr`` (not editable) must ship ``native_kernels.c``, or the native kernels
+    could never be built there."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("lohakr-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"lohakr/loaders/native.py", "lohakr/loaders/native_kernels.c", "lohakr/web/lohakr.js"} <= names
