@@ -16,21 +16,24 @@
 #include <math.h>
 #include <stdint.h>
 
-static inline __m256 load8(const void *base, int64_t i, int dtype) {
+/* Every helper is inlined where the dtype is a constant, so the inner loops carry no dtype test. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256 load8(const void *base, int64_t i, int dtype) {
     __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
     if (dtype == 1)
         return _mm256_cvtph_ps(raw);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-static inline uint16_t bf16_from_float(float x) {
+INLINE uint16_t bf16_from_float(float x) {
     union { float f; uint32_t u; } bits = {x};
     if (x != x)
         return 0x7FC0;
     return (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);
 }
 
-static inline void store8(void *base, int64_t i, __m256 x, int dtype) {
+INLINE void store8(void *base, int64_t i, __m256 x, int dtype) {
     if (dtype == 1) {
         _mm_storeu_si128((__m128i *)((uint16_t *)base + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
     } else {
@@ -47,7 +50,7 @@ static inline void store8(void *base, int64_t i, __m256 x, int dtype) {
     }
 }
 
-static inline float load1(const void *base, int64_t i, int dtype) {
+INLINE float load1(const void *base, int64_t i, int dtype) {
     uint16_t h = ((const uint16_t *)base)[i];
     if (dtype == 1)
         return _cvtsh_ss(h);
@@ -55,33 +58,43 @@ static inline float load1(const void *base, int64_t i, int dtype) {
     return bits.f;
 }
 
-static inline void store1(void *base, int64_t i, float x, int dtype) {
+INLINE void store1(void *base, int64_t i, float x, int dtype) {
     if (dtype == 1)
         ((uint16_t *)base)[i] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
     else
         ((uint16_t *)base)[i] = bf16_from_float(x);
 }
 
-/* A run of n elements: dst[i] = round(fma(scale * a[i], b[i], src[i])), or with a_scalar != NULL
- * the same scale * a for every element (LoKr: one w1 entry against a row of w2). */
-static inline void run_fma(const void *src, void *dst, int64_t offset, int64_t n, int dtype,
-                           const float *a, const float *a_scalar, float scale, const float *b) {
+/* LoKr, a run of n elements: dst[i] = round(fma(a, b[i], src[i])), one w1 entry (a = value * w1)
+ * against a row of w2. */
+INLINE void run_scalar_a(const void *src, void *dst, int64_t offset, int64_t n, const int dtype,
+                         float a, const float *b) {
+    int64_t i = 0;
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        store8(dst, offset + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(b + i), load8(src, offset + i, dtype)), dtype);
+    for (; i < n; i++)
+        store1(dst, offset + i, fmaf(a, b[i], load1(src, offset + i, dtype)), dtype);
+}
+
+/* LoHa, a run of n elements: dst[i] = round(fma(scale * a[i], b[i], src[i])). */
+INLINE void run_vector_a(const void *src, void *dst, int64_t offset, int64_t n, const int dtype,
+                         float scale, const float *a, const float *b) {
     int64_t i = 0;
     __m256 vscale = _mm256_set1_ps(scale);
-    if (a_scalar) {
-        __m256 va = _mm256_set1_ps(*a_scalar);
-        for (; i + 8 <= n; i += 8)
-            store8(dst, offset + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(b + i), load8(src, offset + i, dtype)), dtype);
-        for (; i < n; i++)
-            store1(dst, offset + i, fmaf(*a_scalar, b[i], load1(src, offset + i, dtype)), dtype);
-        return;
-    }
     for (; i + 8 <= n; i += 8) {
         __m256 scaled = _mm256_mul_ps(vscale, _mm256_loadu_ps(a + i));
         store8(dst, offset + i, _mm256_fmadd_ps(scaled, _mm256_loadu_ps(b + i), load8(src, offset + i, dtype)), dtype);
     }
     for (; i < n; i++)
         store1(dst, offset + i, fmaf(scale * a[i], b[i], load1(src, offset + i, dtype)), dtype);
+}
+
+INLINE void kron_row(const void *src, void *dst, const int dtype, const float *w1v, const float *w2,
+                     int64_t r, int64_t b, int64_t c, int64_t k) {
+    const float *w1_row = w1v + (r / b) * c, *w2_row = w2 + (r % b) * k;
+    for (int64_t j = 0; j < c; j++)
+        run_scalar_a(src, dst, (r * c + j) * k, k, dtype, w1_row[j], w2_row);
 }
 
 /* LoKr, a weight viewed as (a*b, c*k): row r = i*b + p gets
@@ -93,9 +106,10 @@ void lohakr_kron_add(const void *src, void *dst, int dtype, const float *w1v, co
                      int64_t rows, int64_t b, int64_t c, int64_t k, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        int64_t i = r / b, p = r % b;
-        for (int64_t j = 0; j < c; j++)
-            run_fma(src, dst, (r * c + j) * k, k, dtype, 0, w1v + i * c + j, 0.0f, w2 + p * k);
+        if (dtype == 1)
+            kron_row(src, dst, 1, w1v, w2, r, b, c, k);
+        else
+            kron_row(src, dst, 2, w1v, w2, r, b, c, k);
     }
 }
 
@@ -108,6 +122,9 @@ void lohakr_hadamard_add(const void *src, void *dst, int dtype, const float *p, 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t s = 0; s < spans; s++) {
         int64_t start = s * SPAN, len = n - start < SPAN ? n - start : SPAN;
-        run_fma(src, dst, start, len, dtype, p + start, 0, value, q + start);
+        if (dtype == 1)
+            run_vector_a(src, dst, start, len, 1, value, p + start, q + start);
+        else
+            run_vector_a(src, dst, start, len, 2, value, p + start, q + start);
     }
 }
