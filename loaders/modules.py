@@ -495,8 +495,9 @@ class LokrModule(AdapterModule):
         if strength != 0 and self.dora_scale is None and native.usable(out, source):
             self._check(_shape(out))
             w1, w2 = self.factors_w1_w2(out.device)
-            native.kron_add(out.view(w1.shape[0] * w2.shape[0], -1), source.view(w1.shape[0] * w2.shape[0], -1),
-                            w1 * (strength * self.scale), w2.reshape(w2.shape[0], -1))
+            rows = w1.shape[0] * w2.shape[0]
+            native.kron_add(out.view(rows, -1), source.view(rows, -1), w1 * (strength * self.scale),
+                            w2.reshape(w2.shape[0], -1))
             return True
         dtype = out.dtype
         low_rank = self.w1_low_rank or self.w2_low_rank

@@ -8,9 +8,9 @@
  * (nearest-even, as PyTorch), and write it. native.py checks their bits against PyTorch's own path
  * before it uses them, per dtype, so a different PyTorch build only loses speed, never bits.
  *
- * x86-64 with AVX2, FMA and F16C, and OpenMP; compiled by native.py with -ffp-contract=off so the compiler
- * fuses nothing beyond the explicit fma below. Weight dtype codes: 1 float16, 2 bfloat16 (a float32
- * weight needs no kernel: PyTorch's multiply-add already patches it in one pass).
+ * x86-64 with AVX2, FMA and F16C, and OpenMP; compiled by native.py with -ffp-contract=off, so
+ * the compiler fuses nothing beyond the explicit fma below. Weight dtype codes: 1 float16,
+ * 2 bfloat16 (a float32 weight needs no kernel: PyTorch's multiply-add patches it in one pass).
  */
 #include <immintrin.h>
 #include <math.h>
