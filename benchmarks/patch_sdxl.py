@@ -260,7 +260,8 @@ def gemm_recorder(rates: list[float], device: str) -> Callable[[], None]:
     return lambda: rates.append(gemm_peak(device)["gemm_flops"])
 
 
-def machine_peaks(device: str, dtype: torch.dtype) -> dict:
+def machine_peaks(device: str) -> dict:
+    """The roofline's inputs, measured now: fp32 GEMM rates, copy bandwidth, fresh-memory write rate."""
     peaks = gemm_peak(device)
     reps = 10 if device.startswith("cuda") else 3
     size = 256 * 2**20
@@ -482,7 +483,7 @@ def main(argv=None) -> int:
         native.usable(torch.empty(1, dtype=dtype))  # build and check now, not inside a timed load
     report["machine"]["native_kernels"] = native.status()
     print(native.status())
-    peaks = machine_peaks(device, dtype)
+    peaks = machine_peaks(device)
     report["roofline"] = peaks
     print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32; "
           f"square {peaks['square_gemm_flops'] / 1e9:.0f}, rank-32 batched {peaks['rank32_gemm_flops'] / 1e9:.0f}), "
@@ -507,7 +508,7 @@ def main(argv=None) -> int:
         flops, bytes_min, layer_delta = adapter_cost(adapter, layout, dtype)
         # A VM's speed drifts by 2-3x within minutes: the bound uses the machine measured again
         # just before this adapter's runs (the start's figures are in report["roofline"]).
-        now = machine_peaks(device, dtype)
+        now = machine_peaks(device)
         bound = max(flops / now["gemm_flops"], bytes_min / now["bandwidth"])
         # Keeping originals means writing the patched weights to memory not yet touched.
         reversible_bound = max(flops / now["gemm_flops"], bytes_min / 2 / now["bandwidth"]
