@@ -381,11 +381,7 @@ class LohaModule(AdapterModule):
         one fused multiply-add (no product buffer)."""
         if strength == 0 or self.dora_scale is not None:
             return super().add_rows(work, start, stop, strength)
-        scratch = scratch or rebuild.Scratch()
-        outs, ins = self._stacked_factors(work.device)
-        both = scratch.get(work.device, (2 * (stop - start), work.shape[1]), slot=1)
-        branch1, branch2 = rebuild.loha_branches_rows(outs, ins, start, stop, self.tucker,
-                                                      out=both.view(2, stop - start, -1))
+        branch1, branch2 = self._branch_rows(start, stop, work.shape[1], work.device, scratch or rebuild.Scratch())
         return work.addcmul_(branch1, branch2, value=strength * self.scale)
 
     def write_patched(self, out: Tensor, source: Tensor, strength: float,
@@ -400,13 +396,17 @@ class LohaModule(AdapterModule):
         rows_out, rows_source = out.view(shape[0], -1), source.view(shape[0], -1)
         scratch = scratch or rebuild.Scratch()
         with self.float_factors():
-            outs, ins = self._stacked_factors(out.device)
             for chunk in rebuild.row_chunks(shape[0], rows_out.shape[1], budget=self.chunk_elements(out.device)):
-                rows = chunk.stop - chunk.start
-                both = scratch.get(out.device, (2 * rows, rows_out.shape[1]), slot=1).view(2, rows, -1)
-                branch1, branch2 = rebuild.loha_branches_rows(outs, ins, chunk.start, chunk.stop, self.tucker, out=both)
+                branch1, branch2 = self._branch_rows(chunk.start, chunk.stop, rows_out.shape[1], out.device, scratch)
                 native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, strength * self.scale)
         return True
+
+    def _branch_rows(self, start: int, stop: int, width: int, device, scratch: rebuild.Scratch) -> tuple[Tensor, Tensor]:
+        """Rows ``start:stop`` of both Hadamard branches, built by one batched GEMM into the reused
+        scratch slot 1 (float32, each ``(rows, width)``)."""
+        outs, ins = self._stacked_factors(device)
+        both = scratch.get(device, (2 * (stop - start), width), slot=1).view(2, stop - start, -1)
+        return rebuild.loha_branches_rows(outs, ins, start, stop, self.tucker, out=both)
 
     def _stacked_factors(self, device) -> tuple[Tensor, Tensor]:
         """Both branches' factors stacked for ``rebuild.loha_branches_rows`` (built once per device
