@@ -386,19 +386,28 @@ class LohaModule(AdapterModule):
 
     def write_patched(self, out: Tensor, source: Tensor, strength: float,
                       scratch: rebuild.Scratch | None = None) -> bool:
-        """Half/bfloat16 on a CPU with the native kernels: both branches of a row block built by one
-        GEMM into a reused buffer, then ``out = source + μ·s·(branch1 ⊙ branch2)`` for those rows
-        in one pass (``native.hadamard_add``): the weight is read once and written once."""
+        """Half/bfloat16 on a CPU with the native kernels: ``out = source + μ·s·(branch1 ⊙ branch2)``
+        reading and writing the weight once. Where this machine's GEMM bits were checked (rank, size),
+        the branches are summed in registers and never stored (``native.loha_add``); elsewhere a row
+        block's branches are built by one GEMM into a reused buffer, then added in one pass."""
         if strength == 0 or self.dora_scale is not None or not native.usable(out, source):
             return False
         shape = _shape(out)
         self._check(shape)
         rows_out, rows_source = out.view(shape[0], -1), source.view(shape[0], -1)
         scratch = scratch or rebuild.Scratch()
+        value = strength * self.scale
         with self.float_factors():
+            outs, ins = self._stacked_factors(out.device)
+            inner = ins.shape[1]  # the GEMMs' inner size (a Tucker core's first rank)
+            if native.loha_fused(out.dtype, *rows_out.shape, inner):
+                packed = scratch.get(out.device, (1, native.packed_size(inner, rows_out.shape[1])), slot=1)
+                native.loha_add(rows_out, rows_source, outs.transpose(1, 2) if self.tucker else outs, ins, value,
+                                packed.view(-1))
+                return True
             for chunk in rebuild.row_chunks(shape[0], rows_out.shape[1], budget=self.chunk_elements(out.device)):
                 branch1, branch2 = self._branch_rows(chunk.start, chunk.stop, rows_out.shape[1], out.device, scratch)
-                native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, strength * self.scale)
+                native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, value)
         return True
 
     def _branch_rows(self, start: int, stop: int, width: int, device, scratch: rebuild.Scratch) -> tuple[Tensor, Tensor]:

@@ -133,6 +133,9 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.lohakr_kron_add.restype = None
     library.lohakr_hadamard_add.argtypes = [pointer, pointer, code, pointer, pointer, ctypes.c_float, size, code]
     library.lohakr_hadamard_add.restype = None
+    library.lohakr_loha_add.argtypes = [pointer, pointer, code, pointer, pointer, size, size, pointer, pointer,
+                                        ctypes.c_float, size, size, size, pointer, code]
+    library.lohakr_loha_add.restype = None
     return library
 
 
@@ -144,7 +147,12 @@ def status() -> str:
     checked = _state.get("checked", {})
     refused = [f"{str(d).removeprefix('torch.')} ({why})" for d, why in checked.items() if why]  # type: ignore[union-attr]
     line = f"native CPU kernels: on, {_state['reason']}"
-    return line + (f"; not used for {', '.join(refused)}" if refused else "")
+    line += f"; not used for {', '.join(refused)}" if refused else ""
+    fused = _state.get("loha_ranks", {})
+    for dtype, (limit, why) in fused.items():  # type: ignore[union-attr]
+        name = str(dtype).removeprefix("torch.")
+        line += (f"; {name} LoHa GEMMs fused up to rank {limit}" if limit else "") + (f" ({why})" if why else "")
+    return line
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -195,6 +203,72 @@ def _self_check(dtype: torch.dtype) -> str:
     return ""
 
 
+# Where the fused LoHa kernel is used: ranks it is checked at (a layer of a larger rank takes the
+# GEMM path), and a smallest weight. Below 16 rows or 64 columns this machine's torch.bmm (MKL)
+# switches to kernels that order their sums differently (seen at widths 1-8 and 1-2 rows), and
+# those layers are too small for the fused kernel to matter.
+FUSED_CHECK_RANKS = (1, 2, 3, 5, 8, 16, 32, 64, 128, 192, 256)
+FUSED_MIN_ROWS, FUSED_MIN_WIDTH = 16, 64
+
+
+def loha_fused(dtype: torch.dtype, rows: int, width: int, rank: int) -> bool:
+    """True when ``loha_add`` may patch this LoHa layer (weight ``(rows, width)``, GEMM inner size
+    ``rank``) with the bits of ``torch.bmm`` followed by PyTorch's multiply-add. Call after
+    ``usable``."""
+    return rows >= FUSED_MIN_ROWS and width >= FUSED_MIN_WIDTH and rank <= loha_fused_rank_limit(dtype)
+
+
+def loha_fused_rank_limit(dtype: torch.dtype) -> int:
+    """The largest rank up to which every checked rank's fused GEMM + update gives, for ``dtype``
+    on this machine, PyTorch's bits (0: none). Checked once per dtype, plain and Tucker
+    (transposed) output factors, row and column tails, a row wider than one packed panel."""
+    ranks = _state.setdefault("loha_ranks", {})
+    if dtype not in ranks:  # type: ignore[operator]
+        limit, problem = 0, ""
+        for rank in FUSED_CHECK_RANKS:
+            problem = _fused_check(dtype, rank)
+            if problem:
+                break
+            limit = rank
+        if problem:
+            logger.info("lohakr: fused LoHa kernel %s for %s above rank %d; those layers take the GEMM path",
+                        problem, dtype, limit)
+        ranks[dtype] = (limit, problem)  # type: ignore[index]
+    return ranks[dtype][0]  # type: ignore[index]
+
+
+def _fused_check(dtype: torch.dtype, rank: int) -> str:
+    """Empty if ``loha_add`` at ``rank`` gives PyTorch's bits, else where it differed. First each
+    branch's float32 sums alone (the other branch made exactly 1, the weight float32 zeros: a
+    half/bfloat16 rounding could hide a last-bit difference), then the whole update in ``dtype``."""
+    g = torch.Generator().manual_seed(4321 + rank)
+    value = 0.3183098861837907
+    cases = [(FUSED_MIN_ROWS, FUSED_MIN_WIDTH, False), (FUSED_MIN_ROWS + 1, FUSED_MIN_WIDTH + 3, True), (35, 200, False)]
+    cases += [(96, 1300, False), (40, 1300, True)] if rank == 32 else []
+    for rows, width, tucker in cases:
+        where = f"rank {rank}, {rows}x{width}{', Tucker' if tucker else ''}"
+        outs = torch.randn(2, rank, rows, generator=g).transpose(1, 2) if tucker else torch.randn(2, rows, rank, generator=g)
+        ins = torch.randn(2, rank, width, generator=g) * 0.1
+        both = torch.bmm(outs, ins)
+        for branch in (0, 1):
+            other = 1 - branch
+            unit_outs, unit_ins = outs.clone(), ins.clone()  # the other branch: exactly 1 everywhere
+            unit_outs[other], unit_ins[other] = 0, 0
+            unit_outs[other, :, 0], unit_ins[other, 0] = 1, 1
+            zeros = torch.zeros(rows, width)
+            sums = torch.empty_like(zeros)
+            _loha_add(sums, zeros, unit_outs, unit_ins, 1.0, dtype_code=0)
+            if not torch.equal(sums, both[branch]):
+                return f"sums differ from torch.bmm's ({where})"
+        weight = (torch.randn(rows, width, generator=g) * 0.02).to(dtype)
+        expected = weight.float().addcmul_(both[0], both[1], value=value).to(dtype)
+        out = torch.empty_like(weight)
+        loha_add(out, weight, outs, ins, value)
+        if not torch.equal(out.view(torch.int16), expected.view(torch.int16)):
+            return f"update differs from torch.bmm + addcmul ({where})"
+    return ""
+
+
 def _threads(elements: int) -> int:
     """PyTorch's thread count for a large weight, one thread below ``PARALLEL_MIN_ELEMENTS``."""
     return 1 if elements < PARALLEL_MIN_ELEMENTS else max(1, torch.get_num_threads())
@@ -226,3 +300,41 @@ def hadamard_add(out: Tensor, source: Tensor, p: Tensor, q: Tensor, value: float
         raise ValueError("hadamard_add: the branches must be contiguous float32")
     library.lohakr_hadamard_add(source.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], p.data_ptr(),
                                 q.data_ptr(), value, out.numel(), _threads(out.numel()))
+
+
+def packed_size(rank: int, width: int) -> int:
+    """Float32 elements ``loha_add`` needs for its packed copy of the input factors."""
+    return 2 * rank * -(-width // 16) * 16
+
+
+def loha_add(out: Tensor, source: Tensor, outs: Tensor, ins: Tensor, value: float,
+             packed: Tensor | None = None) -> None:
+    """``out = source + value · (outs[0] @ ins[0]) ⊙ (outs[1] @ ins[1])`` in one pass, GEMMs included:
+    the two branches are summed in registers (in ``torch.bmm``'s order here, which
+    ``loha_fused_rank_limit`` checks) and never written to memory.
+
+    ``out``/``source``: the weight viewed ``(rows, width)``, contiguous, same dtype (may be the same
+    tensor); ``outs``: float32 ``(2, rows, rank)`` at any strides with a shared layout (a Tucker
+    factor's transposed view is fine); ``ins``: float32 ``(2, rank, width)``; ``packed``: an optional
+    reusable float32 buffer of at least ``packed_size(rank, width)`` elements."""
+    _loha_add(out, source, outs, ins, value, packed, DTYPE_CODES[out.dtype])
+
+
+def _loha_add(out: Tensor, source: Tensor, outs: Tensor, ins: Tensor, value: float,
+              packed: Tensor | None = None, dtype_code: int = 0) -> None:
+    library = _load()
+    rows, width = out.shape
+    _, rank, ins_width = ins.shape
+    if outs.shape != (2, rows, rank) or ins_width != width or source.shape != out.shape:
+        raise ValueError(f"LoHa factors {tuple(outs.shape)} @ {tuple(ins.shape)} do not fit {tuple(out.shape)}")
+    if outs.dtype != torch.float32 or ins.dtype != torch.float32 or outs[0].stride() != outs[1].stride():
+        raise ValueError("loha_add: the factors must be float32, both branches in one layout")
+    ins = ins.contiguous()
+    need = packed_size(rank, width)
+    if packed is None or packed.numel() < need or packed.dtype != torch.float32 or not packed.is_contiguous():
+        packed = torch.empty(need, dtype=torch.float32)
+    row_stride, rank_stride = outs.stride(1), outs.stride(2)
+    # An element here costs 4·rank flops, about rank/8 elements' worth of a one-pass copy-add.
+    library.lohakr_loha_add(source.data_ptr(), out.data_ptr(), dtype_code, outs[0].data_ptr(),
+                            outs[1].data_ptr(), row_stride, rank_stride, ins[0].data_ptr(), ins[1].data_ptr(),
+                            value, rows, width, rank, packed.data_ptr(), _threads(out.numel() * (1 + rank // 8)))

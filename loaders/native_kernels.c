@@ -10,16 +10,21 @@
  *
  * x86-64 with AVX2, FMA and F16C, and OpenMP; compiled by native.py with -ffp-contract=off, so
  * the compiler fuses nothing beyond the explicit fma below. Weight dtype codes: 1 float16,
- * 2 bfloat16 (a float32 weight needs no kernel: PyTorch's multiply-add patches it in one pass).
+ * 2 bfloat16 (a float32 weight needs no kernel: PyTorch's multiply-add patches it in one pass);
+ * lohakr_loha_add also takes 0, float32, which native.py's self-check uses to compare its GEMM
+ * sums with torch.bmm's bit for bit.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 /* Every helper is inlined where the dtype is a constant, so the inner loops carry no dtype test. */
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE __m256 load8(const void *base, int64_t i, int dtype) {
+    if (dtype == 0)
+        return _mm256_loadu_ps((const float *)base + i);
     __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
     if (dtype == 1)
         return _mm256_cvtph_ps(raw);
@@ -34,7 +39,9 @@ INLINE uint16_t bf16_from_float(float x) {
 }
 
 INLINE void store8(void *base, int64_t i, __m256 x, int dtype) {
-    if (dtype == 1) {
+    if (dtype == 0) {
+        _mm256_storeu_ps((float *)base + i, x);
+    } else if (dtype == 1) {
         _mm_storeu_si128((__m128i *)((uint16_t *)base + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
     } else {
         /* nearest-even: (u + 0x7FFF + ((u >> 16) & 1)) >> 16; NaN -> 0x7FC0 (as c10::BFloat16) */
@@ -51,6 +58,8 @@ INLINE void store8(void *base, int64_t i, __m256 x, int dtype) {
 }
 
 INLINE float load1(const void *base, int64_t i, int dtype) {
+    if (dtype == 0)
+        return ((const float *)base)[i];
     uint16_t h = ((const uint16_t *)base)[i];
     if (dtype == 1)
         return _cvtsh_ss(h);
@@ -59,7 +68,9 @@ INLINE float load1(const void *base, int64_t i, int dtype) {
 }
 
 INLINE void store1(void *base, int64_t i, float x, int dtype) {
-    if (dtype == 1)
+    if (dtype == 0)
+        ((float *)base)[i] = x;
+    else if (dtype == 1)
         ((uint16_t *)base)[i] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
     else
         ((uint16_t *)base)[i] = bf16_from_float(x);
@@ -126,5 +137,137 @@ void lohakr_hadamard_add(const void *src, void *dst, int dtype, const float *p, 
             run_vector_a(src, dst, start, len, 1, value, p + start, q + start);
         else
             run_vector_a(src, dst, start, len, 2, value, p + start, q + start);
+    }
+}
+
+/* LoHa in one pass, GEMMs included: for a weight viewed as (rows, width),
+ *     dst[i, j] = round(fma(value * P[i, j], Q[i, j], src[i, j])),
+ *     P = A1 · B1,  Q = A2 · B2  (A: (rows, rank) at any strides, B: (rank, width), float32),
+ * where each P[i, j] (and Q) is summed as PyTorch's CPU GEMM sums a rank-r product here,
+ *     acc = 0;  for k in 0..r-1: acc = fma(A[i, k], B[k, j], acc)
+ * so the branches never reach memory: a tile of 3 rows x 16 columns of both is kept in 12 AVX2
+ * registers, multiplied, added to the weight and rounded. native.py checks these bits against
+ * torch.bmm + addcmul before use (per dtype and rank), since another BLAS may order its sums
+ * differently.
+ *
+ * B is first packed into `packed` (2 * rank * ceil(width / 16) * 16 floats, from the caller):
+ * strip s, step k holds B1[k, 16s : 16s+16] then B2[k, 16s : 16s+16], zero past the width, so
+ * the inner loop reads 128 contiguous bytes per step. Columns are walked in blocks whose packed
+ * panel stays in the L2 cache; rows are shared among `threads` OpenMP threads. */
+#define STRIP 16
+#define TILE_ROWS 3
+#define PANEL_BYTES (256 * 1024)
+
+typedef struct {
+    const float *a1, *a2;
+    int64_t a_row_stride, a_k_stride, rank;
+    const float *packed;
+} LohaFactors;
+
+INLINE void loha_store_row(const void *src, void *dst, const int dtype, __m256 vvalue, float value,
+                           int64_t at, int64_t cols, __m256 p0, __m256 p1, __m256 q0, __m256 q1) {
+    if (cols == STRIP) {
+        store8(dst, at, _mm256_fmadd_ps(_mm256_mul_ps(vvalue, p0), q0, load8(src, at, dtype)), dtype);
+        store8(dst, at + 8, _mm256_fmadd_ps(_mm256_mul_ps(vvalue, p1), q1, load8(src, at + 8, dtype)), dtype);
+        return;
+    }
+    float p[STRIP], q[STRIP];
+    _mm256_storeu_ps(p, p0);
+    _mm256_storeu_ps(p + 8, p1);
+    _mm256_storeu_ps(q, q0);
+    _mm256_storeu_ps(q + 8, q1);
+    for (int64_t c = 0; c < cols; c++)
+        store1(dst, at + c, fmaf(value * p[c], q[c], load1(src, at + c, dtype)), dtype);
+}
+
+/* Rows i0 .. i0+2, strip s: both branches' 3x16 tiles in 12 registers (the last tile of a weight
+ * whose row count is not a multiple of 3 repeats its last row and stores only `mr` rows), then
+ * the weight update for the first `cols` (<= 16) columns from column j0. */
+INLINE void loha_tile(const void *src, void *dst, const int dtype, const LohaFactors *f, float value,
+                      int64_t width, int64_t i0, int64_t mr, int64_t s, int64_t j0, int64_t cols) {
+    const int64_t rank = f->rank, ks = f->a_k_stride, rs = f->a_row_stride;
+    const int64_t r1 = mr > 1 ? rs : 0, r2 = mr > 2 ? 2 * rs : r1;
+    const float *restrict x1 = f->a1 + i0 * rs, *restrict x2 = f->a2 + i0 * rs;
+    const float *restrict panel = f->packed + s * rank * 2 * STRIP;
+    __m256 p00 = _mm256_setzero_ps(), p01 = p00, p10 = p00, p11 = p00, p20 = p00, p21 = p00;
+    __m256 q00 = p00, q01 = p00, q10 = p00, q11 = p00, q20 = p00, q21 = p00;
+    for (int64_t k = 0; k < rank; k++, panel += 2 * STRIP, x1 += ks, x2 += ks) {
+        __m256 b0 = _mm256_loadu_ps(panel), b1 = _mm256_loadu_ps(panel + 8), x;
+        x = _mm256_broadcast_ss(x1);
+        p00 = _mm256_fmadd_ps(x, b0, p00);
+        p01 = _mm256_fmadd_ps(x, b1, p01);
+        x = _mm256_broadcast_ss(x1 + r1);
+        p10 = _mm256_fmadd_ps(x, b0, p10);
+        p11 = _mm256_fmadd_ps(x, b1, p11);
+        x = _mm256_broadcast_ss(x1 + r2);
+        p20 = _mm256_fmadd_ps(x, b0, p20);
+        p21 = _mm256_fmadd_ps(x, b1, p21);
+        b0 = _mm256_loadu_ps(panel + 16);
+        b1 = _mm256_loadu_ps(panel + 24);
+        x = _mm256_broadcast_ss(x2);
+        q00 = _mm256_fmadd_ps(x, b0, q00);
+        q01 = _mm256_fmadd_ps(x, b1, q01);
+        x = _mm256_broadcast_ss(x2 + r1);
+        q10 = _mm256_fmadd_ps(x, b0, q10);
+        q11 = _mm256_fmadd_ps(x, b1, q11);
+        x = _mm256_broadcast_ss(x2 + r2);
+        q20 = _mm256_fmadd_ps(x, b0, q20);
+        q21 = _mm256_fmadd_ps(x, b1, q21);
+    }
+    __m256 vvalue = _mm256_set1_ps(value);
+    int64_t at = i0 * width + j0;
+    loha_store_row(src, dst, dtype, vvalue, value, at, cols, p00, p01, q00, q01);
+    if (mr > 1)
+        loha_store_row(src, dst, dtype, vvalue, value, at + width, cols, p10, p11, q10, q11);
+    if (mr > 2)
+        loha_store_row(src, dst, dtype, vvalue, value, at + 2 * width, cols, p20, p21, q20, q21);
+}
+
+INLINE void loha_rows(const void *src, void *dst, const int dtype, const LohaFactors *f, float value,
+                      int64_t width, int64_t row_start, int64_t row_stop, int64_t strip_start,
+                      int64_t strip_stop) {
+    for (int64_t i = row_start; i < row_stop; i += TILE_ROWS) {
+        int64_t mr = row_stop - i < TILE_ROWS ? row_stop - i : TILE_ROWS;
+        for (int64_t s = strip_start; s < strip_stop; s++) {
+            int64_t j0 = s * STRIP, cols = width - j0 < STRIP ? width - j0 : STRIP;
+            loha_tile(src, dst, dtype, f, value, width, i, mr, s, j0, cols);
+        }
+    }
+}
+
+void lohakr_loha_add(const void *src, void *dst, int dtype, const float *a1, const float *a2,
+                     int64_t a_row_stride, int64_t a_k_stride, const float *b1, const float *b2,
+                     float value, int64_t rows, int64_t width, int64_t rank, float *packed, int threads) {
+    int64_t strips = (width + STRIP - 1) / STRIP;
+    int64_t panel_strips = PANEL_BYTES / (rank * 2 * STRIP * (int64_t)sizeof(float));
+    if (panel_strips < 1)
+        panel_strips = 1;
+    LohaFactors f = {a1, a2, a_row_stride, a_k_stride, rank, packed};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < strips; s++) {
+            float *panel = packed + s * rank * 2 * STRIP;
+            int64_t j0 = s * STRIP, cols = width - j0 < STRIP ? width - j0 : STRIP;
+            for (int64_t k = 0; k < rank; k++, panel += 2 * STRIP)
+                for (int64_t c = 0; c < STRIP; c++) {
+                    panel[c] = c < cols ? b1[k * width + j0 + c] : 0.0f;
+                    panel[STRIP + c] = c < cols ? b2[k * width + j0 + c] : 0.0f;
+                }
+        } /* implicit barrier: the whole panel is packed before any tile reads it */
+        int team = omp_get_num_threads(), me = omp_get_thread_num();
+        int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+        int64_t row_start = (tiles * me / team) * TILE_ROWS, row_stop = (tiles * (me + 1) / team) * TILE_ROWS;
+        if (row_stop > rows)
+            row_stop = rows;
+        for (int64_t s0 = 0; s0 < strips; s0 += panel_strips) {
+            int64_t s1 = s0 + panel_strips < strips ? s0 + panel_strips : strips;
+            if (dtype == 1)
+                loha_rows(src, dst, 1, &f, value, width, row_start, row_stop, s0, s1);
+            else if (dtype == 2)
+                loha_rows(src, dst, 2, &f, value, width, row_start, row_stop, s0, s1);
+            else
+                loha_rows(src, dst, 0, &f, value, width, row_start, row_stop, s0, s1);
+        }
     }
 }

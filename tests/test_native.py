@@ -145,17 +145,21 @@ def test_pipeline_native_equals_pytorch_kernels(lycoris_file, tmp_path, monkeypa
     and load, strength change and unload give PyTorch's kernels' bits exactly."""
     path = lycoris_file("sdxl", variant, "fp16").path
     taken = []
-    real = native.kron_add if variant.startswith("lokr") else native.hadamard_add
+    kernels = ["kron_add"] if variant.startswith("lokr") else ["hadamard_add", "loha_add"]
+    assert native.usable(torch.empty(1, dtype=torch.float16))  # its own check done before the spies
 
-    def spy(*args):
-        taken.append(1)
-        return real(*args)
+    def spy_on_kernels():
+        for name in kernels:
+            monkeypatch.setattr(native, name, lambda *a, _real=getattr(native, name), _name=name:
+                                (taken.append(_name), _real(*a))[1])
 
-    monkeypatch.setattr(native, real.__name__, spy)
+    spy_on_kernels()
     fast = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     _, original = layer_weights(fast)
     getattr(fast, load)(path, "a")
     assert taken
+    if not variant.startswith("lokr") and native.loha_fused_rank_limit(torch.float16) >= 32:
+        assert "loha_add" in taken  # the layers of 16+ rows and 64+ columns
     monkeypatch.setattr(native, "_state", {"library": None, "reason": "off for this test"})
     slow = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     getattr(slow, load)(path, "a")
@@ -166,7 +170,7 @@ def test_pipeline_native_equals_pytorch_kernels(lycoris_file, tmp_path, monkeypa
     if fuse:
         return
     monkeypatch.undo()  # kernels back on for the strength change
-    monkeypatch.setattr(native, real.__name__, spy)
+    spy_on_kernels()
     taken.clear()
     fast.set_lycoris_strength("a", -0.4)
     assert taken
@@ -245,3 +249,144 @@ def test_a_dtype_whose_bits_differ_is_not_used(native_on, monkeypatch, caplog):
     assert "not used for float16 (LoHa kernel, rows of 1)" in native.status()
     module, weight = loha_module(False)
     assert not module.write_patched(torch.empty_like(weight), weight, 1.0)
+
+
+# -- the fused LoHa kernel (GEMMs, Hadamard product and update in one pass) ----------------------
+def exact_fma32(a, b, c):
+    """Correctly rounded float32 ``a·b + c``, independent of any BLAS: the product is exact in
+    float64, TwoSum gives the float64 sum's rounding error, and a float64 sum that lands exactly on
+    a float32 midpoint is resolved by that error's sign (plain double rounding would tie to even)."""
+    p, c64 = a.double() * b.double(), c.double()
+    s = p + c64
+    v = s - p
+    err = (p - (s - v)) + (c64 - v)
+    f = s.float()
+    g = torch.nextafter(f, torch.where(s > f.double(), torch.tensor(float("inf")), torch.tensor(float("-inf"))))
+    tie = (s != f.double()) & (s == (f.double() + g.double()) / 2) & (err != 0)
+    return torch.where(tie & ((err > 0) == (g > f)), g, f)
+
+
+def sequential_sums(a, b):
+    """``a @ b`` summed as ``acc = fma(a[:, k], b[k], acc)`` for k in order, from zero: the order the
+    fused kernel documents (and this machine's torch.bmm uses for LoHa-sized products)."""
+    acc = torch.zeros(a.shape[0], b.shape[1])
+    for k in range(a.shape[1]):
+        acc = exact_fma32(a[:, k:k + 1].expand_as(acc), b[k:k + 1].expand_as(acc), acc)
+    return acc
+
+
+def test_the_exact_fma_reference_resolves_double_rounding():
+    # 1 + 2^-23 + (2^-24 - 2^-70): the float64 sum is the float32 midpoint, the true value is below
+    c = torch.tensor([1 + 2.0**-23])
+    a, b = torch.tensor([2.0**-12 * (1 + 2.0**-23)]), torch.tensor([2.0**-12 * (1 - 2.0**-23)])
+    assert exact_fma32(a, b, c).item() == 1 + 2.0**-23
+    assert (a.double() * b.double() + c.double()).float().item() == 1 + 2.0**-22  # what double rounding gives
+
+
+def fused_case(rows, width, rank, tucker, seed):
+    g = torch.Generator().manual_seed(seed)
+    outs = (torch.randn(2, rank, rows, generator=g).transpose(1, 2) if tucker
+            else torch.randn(2, rows, rank, generator=g))
+    return outs, torch.randn(2, rank, width, generator=g) * 0.1, g
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("rows, width, rank, tucker", [
+    (1, 1, 1, False), (2, 15, 3, True), (16, 64, 1, False), (17, 67, 5, True), (33, 1100, 32, False),
+    (50, 1300, 16, True), (40, 2100, 64, False), (19, 300, 128, True)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_loha_kernel_sums_in_rank_order_and_rounds_once(native_on, monkeypatch, dtype, rows, width, rank,
+                                                               tucker, threads):
+    """``loha_add`` against a reference that uses no BLAS: each branch summed in rank order with
+    exactly rounded fmas, then ``fma(value·p, q, w)`` and one rounding to the weight's dtype. Row
+    and column tails, several packed panels, transposed (Tucker) factors, in place."""
+    monkeypatch.setattr(native, "_threads", lambda elements: threads)
+    outs, ins, g = fused_case(rows, width, rank, tucker, seed=rows * 7 + rank)
+    weight = (torch.randn(rows, width, generator=g) * 0.02).to(dtype)
+    value = torch.tensor(-0.7071067811865476, dtype=torch.float32)
+    p, q = sequential_sums(outs[0], ins[0]), sequential_sums(outs[1], ins[1])
+    expected = exact_fma32(value * p, q, weight.float()).to(dtype)
+    out = torch.empty_like(weight)
+    native.loha_add(out, weight, outs, ins, value.item())
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    native.loha_add(weight, weight, outs, ins, value.item())
+    assert torch.equal(weight.view(torch.int16), expected.view(torch.int16))
+    # float32 out (the mode the check before use reads sums in): a half rounding hides no bit here
+    weight32 = torch.randn(rows, width, generator=g) * 0.02
+    out32 = torch.empty_like(weight32)
+    native._loha_add(out32, weight32, outs, ins, value.item(), dtype_code=0)
+    assert torch.equal(out32.view(torch.int32), exact_fma32(value * p, q, weight32).view(torch.int32))
+
+
+def test_fused_loha_kernel_gives_torch_bmm_bits_where_it_is_used(native_on):
+    """Where the check before use admits it, the fused kernel gives the bits of the GEMM path:
+    ``torch.bmm``, then PyTorch's multiply-add, then one rounding."""
+    limit = native.loha_fused_rank_limit(torch.float16)
+    if limit < 32:
+        pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
+    for rows, width, rank, tucker in [(16, 64, 4, False), (320, 2880, 16, True), (640, 1280, 32, False)]:
+        outs, ins, g = fused_case(rows, width, rank, tucker, seed=rank)
+        assert native.loha_fused(torch.float16, rows, width, rank)
+        weight = (torch.randn(rows, width, generator=g) * 0.02).half()
+        both = torch.bmm(outs, ins)
+        out = torch.empty_like(weight)
+        native.loha_add(out, weight, outs, ins, 0.45)
+        assert torch.equal(out, weight.float().addcmul_(both[0], both[1], value=0.45).half())
+
+
+def test_fused_loha_kernel_refuses_factors_that_do_not_fit(native_on):
+    weight = torch.zeros(20, 70, dtype=torch.float16)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.loha_add(weight, weight, torch.ones(2, 20, 4), torch.ones(2, 4, 71), 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.loha_add(weight, weight, torch.ones(2, 19, 4), torch.ones(2, 4, 70), 1.0)
+    with pytest.raises(ValueError, match="float32"):
+        native.loha_add(weight, weight, torch.ones(2, 20, 4, dtype=torch.float64), torch.ones(2, 4, 70), 1.0)
+    assert bool((weight == 0).all())
+
+
+def test_fused_loha_check_limits_the_rank_and_says_so(native_on, monkeypatch):
+    """A machine whose GEMM sums differently from rank 32 on: the fused kernel stays below that
+    rank, ``status()`` says so, and a rank-32 layer takes the GEMM path with the same bits."""
+    monkeypatch.setattr(native, "_state", {"library": native._load(), "reason": "compiled"})
+    real = native._fused_check
+    monkeypatch.setattr(native, "_fused_check", lambda dtype, rank: "sums differ (test)" if rank >= 32 else real(dtype, rank))
+    assert native.loha_fused_rank_limit(torch.float16) == 16
+    assert "float16 LoHa GEMMs fused up to rank 16 (sums differ (test))" in native.status()
+    assert native.usable(torch.empty(1, dtype=torch.float16))  # its own check done before the spies
+    calls = []
+    for name in ("loha_add", "hadamard_add"):
+        monkeypatch.setattr(native, name, lambda *a, _real=getattr(native, name), _name=name: (calls.append(_name), _real(*a)))
+    for rank, taken in ((16, "loha_add"), (32, "hadamard_add")):
+        g = torch.Generator().manual_seed(rank)
+        module = load_adapter({"lora_unet_x.hada_w1_a": torch.randn(40, rank, generator=g) * 0.1,
+                               "lora_unet_x.hada_w1_b": torch.randn(rank, 96, generator=g) * 0.1,
+                               "lora_unet_x.hada_w2_a": torch.randn(40, rank, generator=g) * 0.1,
+                               "lora_unet_x.hada_w2_b": torch.randn(rank, 96, generator=g) * 0.1,
+                               "lora_unet_x.alpha": torch.tensor(4.0)}).modules["lora_unet_x"]
+        weight = (torch.randn(40, 96, generator=g) * 0.02).half()
+        calls.clear()
+        out = torch.empty_like(weight)
+        assert module.write_patched(out, weight, 0.9)
+        assert calls == [taken]
+        reference = weight.float()
+        module.add_to(reference, 0.9)
+        assert torch.equal(out, reference.half())
+
+
+@pytest.mark.parametrize("rows, width", [(15, 200), (40, 63)])
+def test_fused_loha_kernel_is_not_used_below_its_smallest_size(native_on, monkeypatch, rows, width):
+    """Below 16 rows or 64 columns torch.bmm orders its sums differently on this machine; such a
+    layer takes the GEMM path (and the one-pass add)."""
+    monkeypatch.setattr(native, "loha_add", lambda *a: pytest.fail("fused kernel used"))
+    g = torch.Generator().manual_seed(rows)
+    module = load_adapter({"lora_unet_x.hada_w1_a": torch.randn(rows, 4, generator=g),
+                           "lora_unet_x.hada_w1_b": torch.randn(4, width, generator=g),
+                           "lora_unet_x.hada_w2_a": torch.randn(rows, 4, generator=g),
+                           "lora_unet_x.hada_w2_b": torch.randn(4, width, generator=g)}).modules["lora_unet_x"]
+    weight = torch.randn(rows, width, generator=g).half()
+    out = torch.empty_like(weight)
+    assert module.write_patched(out, weight, 0.5)
+    reference = weight.float()
+    module.add_to(reference, 0.5)
+    assert torch.equal(out, reference.half())
