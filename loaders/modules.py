@@ -386,22 +386,25 @@ class LohaModule(AdapterModule):
 
     def write_patched(self, out: Tensor, source: Tensor, strength: float,
                       scratch: rebuild.Scratch | None = None) -> bool:
-        """Half/bfloat16 on a CPU with the native kernels: ``out = source + μ·s·(branch1 ⊙ branch2)``
-        reading and writing the weight once. Where this machine's GEMM bits were checked (rank, size),
-        the branches are summed in registers and never stored (``native.loha_add``); elsewhere a row
-        block's branches are built by one GEMM into a reused buffer, then added in one pass."""
-        if strength == 0 or self.dora_scale is not None or not native.usable(out, source):
+        """A CPU weight with the native kernels: ``out = source + μ·s·(branch1 ⊙ branch2)``, reading
+        and writing the weight once. Where this machine's GEMM bits were checked (rank, size), the
+        branches are summed in registers and never stored (``native.loha_add``; half, bfloat16 and
+        float32); elsewhere, for half and bfloat16, a row block's branches are built by one GEMM
+        into a reused buffer, then added in one pass (float32 returns False: the row path)."""
+        if strength == 0 or self.dora_scale is not None or not native.loha_usable(out, source):
             return False
         shape = _shape(out)
         self._check(shape)
         rows_out, rows_source = out.view(shape[0], -1), source.view(shape[0], -1)
+        fused = native.loha_fused(out.dtype, *rows_out.shape, self._gemm_inner)
+        if not fused and out.dtype == torch.float32:
+            return False
         scratch = scratch or rebuild.Scratch()
         value = strength * self.scale
         with self.float_factors():
-            outs, ins = self._stacked_factors(out.device)
-            inner = ins.shape[1]  # the GEMMs' inner size (a Tucker core's first rank)
-            if native.loha_fused(out.dtype, *rows_out.shape, inner):
-                packed = scratch.get(out.device, (1, native.packed_size(inner, rows_out.shape[1])), slot=1)
+            if fused:
+                outs, ins = self._stacked_factors(out.device)
+                packed = scratch.get(out.device, (1, native.packed_size(self._gemm_inner, rows_out.shape[1])), slot=1)
                 native.loha_add(rows_out, rows_source, outs.transpose(1, 2) if self.tucker else outs, ins, value,
                                 packed.view(-1))
                 return True
@@ -409,6 +412,11 @@ class LohaModule(AdapterModule):
                 branch1, branch2 = self._branch_rows(chunk.start, chunk.stop, rows_out.shape[1], out.device, scratch)
                 native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, value)
         return True
+
+    @property
+    def _gemm_inner(self) -> int:
+        """The inner size of the branch GEMMs: the rank, or a Tucker core's first rank."""
+        return int(self.factors["hada_t1"].shape[0]) if self.tucker else self.rank
 
     def _branch_rows(self, start: int, stop: int, width: int, device, scratch: rebuild.Scratch) -> tuple[Tensor, Tensor]:
         """Rows ``start:stop`` of both Hadamard branches, built by one batched GEMM into the reused

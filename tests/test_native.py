@@ -130,11 +130,26 @@ def test_loha_one_pass_is_not_taken_where_it_cannot_be(native_on):
     module, weight = loha_module(False)
     out = torch.full_like(weight, 7.0)
     assert not module.write_patched(out, weight, 0.0)
-    assert not module.write_patched(out.float(), weight.float(), 1.0)  # float32: PyTorch's multiply-add
     assert not module.write_patched(out, weight.float(), 1.0)  # dtypes differ
     strided = weight.transpose(2, 3)
     assert not module.write_patched(torch.empty_like(strided), strided, 1.0)
     assert bool((out == 7.0).all())
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["flat conv", "tucker conv"])
+def test_float32_loha_takes_the_fused_kernel_with_the_row_paths_bits(native_on, monkeypatch, tucker):
+    """A float32 weight: one fused pass where the kernel is checked for float32, else (too small
+    a layer) ``write_patched`` declines and the row path (GEMM, PyTorch's multiply-add) patches it."""
+    if native.loha_fused_rank_limit(torch.float32) < 4:
+        pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
+    module, weight = loha_module(tucker, torch.float32)
+    reference = weight.clone()
+    module.add_to(reference, 0.8)
+    out = torch.empty_like(weight)
+    assert module.write_patched(out, weight, 0.8)
+    assert torch.equal(out, reference)
+    monkeypatch.setattr(native, "FUSED_MIN_ROWS", 25)  # 24 rows: too small now
+    assert not module.write_patched(out, weight, 0.8)
 
 
 @pytest.mark.parametrize("variant, load", [("loha", "load_loha"), ("loha_tucker", "load_loha"),
@@ -350,9 +365,9 @@ def test_fused_loha_check_limits_the_rank_and_says_so(native_on, monkeypatch):
     rank, ``status()`` says so, and a rank-32 layer takes the GEMM path with the same bits."""
     monkeypatch.setattr(native, "_state", {"library": native._load(), "reason": "compiled"})
     real = native._fused_check
-    monkeypatch.setattr(native, "_fused_check", lambda dtype, rank: "sums differ (test)" if rank >= 32 else real(dtype, rank))
+    monkeypatch.setattr(native, "_fused_check", lambda dtype, rank: f"rank {rank}: differs (test)" if rank >= 32 else real(dtype, rank))
     assert native.loha_fused_rank_limit(torch.float16) == 16
-    assert "float16 LoHa GEMMs fused up to rank 16 (sums differ (test))" in native.status()
+    assert "float16 LoHa GEMMs fused up to rank 16 (rank 32: differs (test))" in native.status()
     assert native.usable(torch.empty(1, dtype=torch.float16))  # its own check done before the spies
     calls = []
     for name in ("loha_add", "hadamard_add"):
