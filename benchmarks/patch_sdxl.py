@@ -481,6 +481,8 @@ def main(argv=None) -> int:
 
     if device == "cpu":
         native.usable(torch.empty(1, dtype=dtype))  # build and check now, not inside a timed load
+        if native.loha_usable(torch.empty(1, dtype=dtype)):
+            native.loha_fused_rank_limit(dtype)  # and the fused LoHa kernel's ranks
     report["machine"]["native_kernels"] = native.status()
     print(native.status())
     peaks = machine_peaks(device)
