@@ -377,11 +377,17 @@ class LohaModule(AdapterModule):
 
     def add_rows(self, work: Tensor, start: int, stop: int, strength: float,
                  scratch: rebuild.Scratch | None = None) -> Tensor:
-        """``work += μ·s·(branch1 ⊙ branch2)[rows]``: both branches built into reused buffers, then
-        one fused multiply-add (no product buffer)."""
+        """``work += μ·s·(branch1 ⊙ branch2)[rows]``: in one fused pass where the native kernel was
+        checked for this size (``native.loha_add``: a stack of adapters on one CPU weight), else
+        both branches built into reused buffers, then one multiply-add (no product buffer)."""
         if strength == 0 or self.dora_scale is not None:
             return super().add_rows(work, start, stop, strength)
-        branch1, branch2 = self._branch_rows(start, stop, work.shape[1], work.device, scratch or rebuild.Scratch())
+        scratch = scratch or rebuild.Scratch()
+        if work.dtype == torch.float32 and native.loha_usable(work) and native.loha_fused(
+                torch.float32, stop - start, work.shape[1], self._gemm_inner):
+            self._fused_rows(work, work, start, stop, strength * self.scale, scratch)
+            return work
+        branch1, branch2 = self._branch_rows(start, stop, work.shape[1], work.device, scratch)
         return work.addcmul_(branch1, branch2, value=strength * self.scale)
 
     def write_patched(self, out: Tensor, source: Tensor, strength: float,
@@ -403,15 +409,21 @@ class LohaModule(AdapterModule):
         value = strength * self.scale
         with self.float_factors():
             if fused:
-                outs, ins = self._stacked_factors(out.device)
-                packed = scratch.get(out.device, (1, native.packed_size(self._gemm_inner, rows_out.shape[1])), slot=1)
-                native.loha_add(rows_out, rows_source, outs.transpose(1, 2) if self.tucker else outs, ins, value,
-                                packed.view(-1))
+                self._fused_rows(rows_out, rows_source, 0, shape[0], value, scratch)
                 return True
             for chunk in rebuild.row_chunks(shape[0], rows_out.shape[1], budget=self.chunk_elements(out.device)):
                 branch1, branch2 = self._branch_rows(chunk.start, chunk.stop, rows_out.shape[1], out.device, scratch)
                 native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, value)
         return True
+
+    def _fused_rows(self, out: Tensor, source: Tensor, start: int, stop: int, value: float,
+                    scratch: rebuild.Scratch) -> None:
+        """``out = source + value·(branch1 ⊙ branch2)[start:stop]`` by the fused native kernel;
+        ``out``/``source``: those rows, ``(stop - start, I·k…)``. Its packed factors go to slot 1."""
+        outs, ins = self._stacked_factors(out.device)
+        rows = outs[:, :, start:stop].transpose(1, 2) if self.tucker else outs[:, start:stop]
+        packed = scratch.get(out.device, (1, native.packed_size(ins.shape[1], out.shape[1])), slot=1)
+        native.loha_add(out, source, rows, ins, value, packed.view(-1))
 
     @property
     def _gemm_inner(self) -> int:

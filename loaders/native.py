@@ -231,8 +231,9 @@ FUSED_MIN_ROWS, FUSED_MIN_WIDTH = 16, 64
 def loha_fused(dtype: torch.dtype, rows: int, width: int, rank: int) -> bool:
     """True when ``loha_add`` may patch this LoHa layer (weight ``(rows, width)``, GEMM inner size
     ``rank``) with the bits of ``torch.bmm`` followed by PyTorch's multiply-add. Call after
-    ``usable``."""
-    return rows >= FUSED_MIN_ROWS and width >= FUSED_MIN_WIDTH and rank <= loha_fused_rank_limit(dtype)
+    ``loha_usable``."""
+    return (rows >= FUSED_MIN_ROWS and width >= FUSED_MIN_WIDTH and 1 <= rank
+            and rank <= loha_fused_rank_limit(dtype))
 
 
 def loha_fused_rank_limit(dtype: torch.dtype) -> int:
@@ -342,7 +343,7 @@ def _loha_add(out: Tensor, source: Tensor, outs: Tensor, ins: Tensor, value: flo
     library = _load()
     rows, width = out.shape
     _, rank, ins_width = ins.shape
-    if outs.shape != (2, rows, rank) or ins_width != width or source.shape != out.shape:
+    if outs.shape != (2, rows, rank) or ins_width != width or source.shape != out.shape or rank < 1:
         raise ValueError(f"LoHa factors {tuple(outs.shape)} @ {tuple(ins.shape)} do not fit {tuple(out.shape)}")
     if outs.dtype != torch.float32 or ins.dtype != torch.float32 or outs[0].stride() != outs[1].stride():
         raise ValueError("loha_add: the factors must be float32, both branches in one layout")

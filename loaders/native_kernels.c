@@ -180,6 +180,23 @@ INLINE void loha_store_row(const void *src, void *dst, const int dtype, __m256 v
         store1(dst, at + c, fmaf(value * p[c], q[c], load1(src, at + c, dtype)), dtype);
 }
 
+/* One rank step of one branch's 3x16 tile: row m's two accumulators += A[row m, k] * the 16 values
+ * of B[k] at b (A's rows at a, a + r1, a + r2). A macro over named accumulators: arrays of
+ * __m256 made GCC keep them on the stack. */
+#define TILE_STEP(a, r1, r2, b, c00, c01, c10, c11, c20, c21)             \
+    do {                                                                  \
+        __m256 b0_ = _mm256_loadu_ps(b), b1_ = _mm256_loadu_ps((b) + 8);  \
+        __m256 x_ = _mm256_broadcast_ss(a);                               \
+        c00 = _mm256_fmadd_ps(x_, b0_, c00);                              \
+        c01 = _mm256_fmadd_ps(x_, b1_, c01);                              \
+        x_ = _mm256_broadcast_ss((a) + r1);                               \
+        c10 = _mm256_fmadd_ps(x_, b0_, c10);                              \
+        c11 = _mm256_fmadd_ps(x_, b1_, c11);                              \
+        x_ = _mm256_broadcast_ss((a) + r2);                               \
+        c20 = _mm256_fmadd_ps(x_, b0_, c20);                              \
+        c21 = _mm256_fmadd_ps(x_, b1_, c21);                              \
+    } while (0)
+
 /* Rows i0 .. i0+2, strip s: both branches' 3x16 tiles in 12 registers (the last tile of a weight
  * whose row count is not a multiple of 3 repeats its last row and stores only `mr` rows), then
  * the weight update for the first `cols` (<= 16) columns from column j0. */
@@ -192,27 +209,8 @@ INLINE void loha_tile(const void *src, void *dst, const int dtype, const LohaFac
     __m256 p00 = _mm256_setzero_ps(), p01 = p00, p10 = p00, p11 = p00, p20 = p00, p21 = p00;
     __m256 q00 = p00, q01 = p00, q10 = p00, q11 = p00, q20 = p00, q21 = p00;
     for (int64_t k = 0; k < rank; k++, panel += 2 * STRIP, x1 += ks, x2 += ks) {
-        __m256 b0 = _mm256_loadu_ps(panel), b1 = _mm256_loadu_ps(panel + 8), x;
-        x = _mm256_broadcast_ss(x1);
-        p00 = _mm256_fmadd_ps(x, b0, p00);
-        p01 = _mm256_fmadd_ps(x, b1, p01);
-        x = _mm256_broadcast_ss(x1 + r1);
-        p10 = _mm256_fmadd_ps(x, b0, p10);
-        p11 = _mm256_fmadd_ps(x, b1, p11);
-        x = _mm256_broadcast_ss(x1 + r2);
-        p20 = _mm256_fmadd_ps(x, b0, p20);
-        p21 = _mm256_fmadd_ps(x, b1, p21);
-        b0 = _mm256_loadu_ps(panel + 16);
-        b1 = _mm256_loadu_ps(panel + 24);
-        x = _mm256_broadcast_ss(x2);
-        q00 = _mm256_fmadd_ps(x, b0, q00);
-        q01 = _mm256_fmadd_ps(x, b1, q01);
-        x = _mm256_broadcast_ss(x2 + r1);
-        q10 = _mm256_fmadd_ps(x, b0, q10);
-        q11 = _mm256_fmadd_ps(x, b1, q11);
-        x = _mm256_broadcast_ss(x2 + r2);
-        q20 = _mm256_fmadd_ps(x, b0, q20);
-        q21 = _mm256_fmadd_ps(x, b1, q21);
+        TILE_STEP(x1, r1, r2, panel, p00, p01, p10, p11, p20, p21);
+        TILE_STEP(x2, r1, r2, panel + STRIP, q00, q01, q10, q11, q20, q21);
     }
     __m256 vvalue = _mm256_set1_ps(value);
     int64_t at = i0 * width + j0;

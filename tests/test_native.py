@@ -355,6 +355,8 @@ def test_fused_loha_kernel_refuses_factors_that_do_not_fit(native_on):
         native.loha_add(weight, weight, torch.ones(2, 20, 4), torch.ones(2, 4, 71), 1.0)
     with pytest.raises(ValueError, match="do not fit"):
         native.loha_add(weight, weight, torch.ones(2, 19, 4), torch.ones(2, 4, 70), 1.0)
+    with pytest.raises(ValueError, match="do not fit"):  # rank 0: nothing to sum
+        native.loha_add(weight, weight, torch.ones(2, 20, 0), torch.ones(2, 0, 70), 1.0)
     with pytest.raises(ValueError, match="float32"):
         native.loha_add(weight, weight, torch.ones(2, 20, 4, dtype=torch.float64), torch.ones(2, 4, 70), 1.0)
     assert bool((weight == 0).all())
@@ -405,3 +407,29 @@ def test_fused_loha_kernel_is_not_used_below_its_smallest_size(native_on, monkey
     reference = weight.float()
     module.add_to(reference, 0.5)
     assert torch.equal(out, reference.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_a_stack_takes_the_fused_kernel_with_pytorchs_bits(lycoris_file, tmp_path, monkeypatch, native_on, dtype):
+    """Several adapters on one weight are summed in float32 row blocks; there each LoHa's rows take
+    the fused kernel in float32, and the weights get PyTorch's kernels' bits."""
+    if native.loha_fused_rank_limit(torch.float32) < 32:
+        pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
+    files = [lycoris_file("sdxl", v, "fp16").path for v in ("loha", "loha_tucker", "lokr_f4")]
+    assert native.usable(torch.empty(1, dtype=torch.float16))  # its own check done before the spy
+    row_blocks = []
+    real = native.loha_add
+    monkeypatch.setattr(native, "loha_add", lambda out, *a: (row_blocks.append(out.dtype), real(out, *a))[1])
+
+    def stacked():
+        pipe = lohakr.enable(make_pipe("sdxl", tmp_path, dtype))
+        with pipe.lycoris_batch():
+            for i, path in enumerate(files):
+                pipe.load_lycoris(path, f"a{i}", strength=0.5 - 0.75 * i)
+        return layer_weights(pipe)[1]
+
+    fast = stacked()
+    assert torch.float32 in row_blocks
+    monkeypatch.setattr(native, "_state", {"library": None, "reason": "off for this test"})
+    slow = stacked()
+    assert all(torch.equal(fast[k], slow[k]) for k in slow)
