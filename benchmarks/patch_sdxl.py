@@ -177,6 +177,29 @@ def build_models(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     return parts
 
 
+def memory_needed(dtype: torch.dtype) -> tuple[int, int]:
+    """The models' bytes in ``dtype`` (counted on the meta device) and about what a CPU run needs:
+    the models twice (a reversible load gives every patched weight new storage beside its kept
+    original; the fused run snapshots them; LyCORIS' merge adds about 0.6x) plus 1 GiB."""
+    from lohakr.loaders.reference_models import build_components
+
+    count = sum(p.numel() for part in build_components("sdxl", "meta").values() for p in part.parameters())
+    model = count * torch.tensor([], dtype=dtype).element_size()
+    return model, 2 * model + 2**30
+
+
+def memory_available() -> int:
+    """``MemAvailable`` from /proc/meminfo (0 where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def lycoris_preset(directory: Path) -> str:
     import toml
     from lycoris.config import FULL_TEXT_ENCODER_MODULES, FULL_UNET_MODULES
@@ -472,6 +495,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = args.device
+    if device == "cpu":
+        model, needed = memory_needed(dtype)
+        available = memory_available()
+        if available and available < needed:
+            print(f"not enough memory for a full-size {args.dtype} run: the models take {model / 2**30:.1f} GiB and a "
+                  f"reversible load keeps every original beside its patched copy, so the run needs about "
+                  f"{needed / 2**30:.1f} GiB; {available / 2**30:.1f} GiB is available. Use --dtype fp16 or a machine "
+                  "with more memory.", file=sys.stderr)
+            return 2
     timer = Timer(device, args.warmup)
     report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "device": device,

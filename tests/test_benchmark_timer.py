@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +42,15 @@ def test_cycle_counts_the_page_faults_of_fresh_memory(bench):
     timer.cycle([("touch", lambda: keep.append(torch.ones(64 << 20, dtype=torch.uint8)))], reps=1)
     (_, faults), = timer.kernel["touch"]
     assert faults >= 16
+
+
+def test_a_run_that_cannot_fit_in_memory_stops_first_and_says_why(bench, monkeypatch, capsys):
+    """fp32 at full size needs the models twice (kept originals beside patched copies): on a
+    machine without that much memory the script says so before building anything."""
+    model, needed = bench.memory_needed(torch.float32)
+    assert 12 * 2**30 < model < 14 * 2**30  # 3.4 B parameters
+    assert needed == 2 * model + 2**30
+    monkeypatch.setattr(bench, "memory_available", lambda: needed - 1)
+    monkeypatch.setattr(bench, "machine_peaks", lambda device: pytest.fail("measured a machine it cannot use"))
+    assert bench.main(["--dtype", "fp32", "--device", "cpu", "--no-lycoris"]) == 2
+    assert "not enough memory for a full-size fp32 run" in capsys.readouterr().err
