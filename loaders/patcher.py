@@ -226,6 +226,14 @@ class WeightPatcher:
         targets = list(targets)
         index = self._index()
         scratch = Scratch()
+        # New storage for every weight that still is its kept original, taken before any layer's
+        # working buffers: allocated in between, the long-lived weights pin the freed buffers'
+        # heap pages (full-SDXL LoHa: +150-230 MiB resident that malloc_trim gives back).
+        fresh = {}
+        for target in targets:
+            kept = self._originals.get(target.key)
+            if kept is not None and index.get(target.key) and _shares(_layer(target).weight, kept.weight):
+                fresh[target.key] = torch.empty_like(_layer(target).weight)
         iterator: Iterable[LayerTarget] = progress(targets) if progress else targets
         for target in iterator:
             kept = self._originals.get(target.key)
@@ -240,17 +248,17 @@ class WeightPatcher:
                         _restore(layer.bias, kept.bias)
                     del self._originals[target.key]
                     continue
-                self._apply(layer, kept, contributions, scratch)
+                self._apply(layer, kept, contributions, scratch, storage=fresh.pop(target.key, None))
 
     def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: Scratch,
-               in_place: bool = False) -> None:
+               in_place: bool = False, storage: Tensor | None = None) -> None:
         """Write ``W0 + Σ contributions`` into the layer (``_write_weight``). If the live weight still
-        is the kept original, the result goes to new storage instead, unless ``in_place`` (fusing:
-        ``kept`` is the live weight itself)."""
+        is the kept original, the result goes to new storage instead (``storage`` if given), unless
+        ``in_place`` (fusing: ``kept`` is the live weight itself)."""
         param = layer.weight
         device = param.device
         fresh = not in_place and _shares(param, kept.weight)
-        weight = torch.empty_like(param) if fresh else param.detach()
+        weight = (storage if storage is not None else torch.empty_like(param)) if fresh else param.detach()
         source = kept.weight if kept.weight.device == device else kept.weight.to(device)
         _write_weight(weight, source, contributions, scratch)
         if fresh:
