@@ -383,8 +383,7 @@ class LohaModule(AdapterModule):
         if strength == 0 or self.dora_scale is not None:
             return super().add_rows(work, start, stop, strength)
         scratch = scratch or rebuild.Scratch()
-        if work.dtype == torch.float32 and native.loha_usable(work) and native.loha_fused(
-                torch.float32, stop - start, work.shape[1], self._gemm_inner):
+        if self._fused_fits(work):
             self._fused_rows(work, work, start, stop, strength * self.scale, scratch)
             return work
         branch1, branch2 = self._branch_rows(start, stop, work.shape[1], work.device, scratch)
@@ -402,7 +401,7 @@ class LohaModule(AdapterModule):
         shape = _shape(out)
         self._check(shape)
         rows_out, rows_source = out.view(shape[0], -1), source.view(shape[0], -1)
-        fused = native.loha_fused(out.dtype, *rows_out.shape, self._gemm_inner)
+        fused = self._fused_fits(rows_out, rows_source)
         if not fused and out.dtype == torch.float32:
             return False
         scratch = scratch or rebuild.Scratch()
@@ -415,6 +414,11 @@ class LohaModule(AdapterModule):
                 branch1, branch2 = self._branch_rows(chunk.start, chunk.stop, rows_out.shape[1], out.device, scratch)
                 native.hadamard_add(rows_out[chunk], rows_source[chunk], branch1, branch2, value)
         return True
+
+    def _fused_fits(self, rows: Tensor, *others: Tensor) -> bool:
+        """True when the fused native kernel may patch ``rows`` (a 2-D block of this layer's weight,
+        and ``others`` read beside it): usable here, and checked for its size and rank."""
+        return native.loha_usable(rows, *others) and native.loha_fused(rows.dtype, *rows.shape, self._gemm_inner)
 
     def _fused_rows(self, out: Tensor, source: Tensor, start: int, stop: int, value: float,
                     scratch: rebuild.Scratch) -> None:

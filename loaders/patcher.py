@@ -229,11 +229,11 @@ class WeightPatcher:
         # New storage for every weight that still is its kept original, taken before any layer's
         # working buffers: allocated in between, the long-lived weights pin the freed buffers'
         # heap pages (full-SDXL LoHa: +150-230 MiB resident that malloc_trim gives back).
-        fresh = {}
+        new_storage = {}
         for target in targets:
             kept = self._originals.get(target.key)
             if kept is not None and index.get(target.key) and _shares(_layer(target).weight, kept.weight):
-                fresh[target.key] = torch.empty_like(_layer(target).weight)
+                new_storage[target.key] = torch.empty_like(_layer(target).weight)
         iterator: Iterable[LayerTarget] = progress(targets) if progress else targets
         for target in iterator:
             kept = self._originals.get(target.key)
@@ -248,7 +248,7 @@ class WeightPatcher:
                         _restore(layer.bias, kept.bias)
                     del self._originals[target.key]
                     continue
-                self._apply(layer, kept, contributions, scratch, storage=fresh.pop(target.key, None))
+                self._apply(layer, kept, contributions, scratch, storage=new_storage.pop(target.key, None))
 
     def _apply(self, layer: nn.Module, kept: "_Original", contributions, scratch: Scratch,
                in_place: bool = False, storage: Tensor | None = None) -> None:
