@@ -3,11 +3,13 @@ when COMFYUI_DIR is set), with a roofline and scaling in rank and stack depth.
 
     python benchmarks/patch_sdxl.py                       # fp16, CPU, all three adapters, 3 repetitions
     python benchmarks/patch_sdxl.py --dtype fp32 --reps 5 --device cuda --scaling
+    python benchmarks/patch_sdxl.py --dtype fp32 --parts unet   # one part, where the whole model twice does not fit
 
 Models: the full SDXL UNet and both CLIP text encoders, built on the meta device from the embedded
 configs and materialised with seeded random weights. Adapters: real files written by lycoris-lora
 (kohya names) for the kohya-default module set plus the conv modules: LoHa dim 32 / alpha 16 with
-conv dim 16 Tucker; LoKr factor 8; LoKr factor -1 with full w2. Cached in benchmarks/.cache.
+conv dim 16 Tucker; LoKr factor 8; LoKr factor -1 with full w2. Cached in benchmarks/.cache. With
+--parts, only the UNet or only the text encoders are built, and the files keep their modules.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ ADAPTERS = {
     "lokr_f8": dict(algo="lokr", network_dim=16, network_alpha=8, factor=8),
     "lokr_full_w2": dict(algo="lokr", network_dim=100000, network_alpha=1, factor=-1),
 }
+# --parts: the components built, and the kohya prefixes of their modules in the files.
+PARTS = {"all": ("unet", "text_encoder", "text_encoder_2"), "unet": ("unet",),
+         "text_encoders": ("text_encoder", "text_encoder_2")}
+FILE_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -162,10 +168,11 @@ class Timer:
 
 
 # -- models and files ---------------------------------------------------------------------------
-def build_models(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+def build_models(dtype: torch.dtype, device: str, components: tuple[str, ...] = PARTS["all"], seed: int = 0) -> dict:
+    """The full-size SDXL ``components`` (all three by default), seeded random weights."""
     from lohakr.loaders.reference_models import build_components
 
-    parts = build_components("sdxl", "meta")
+    parts = {name: part for name, part in build_components("sdxl", "meta").items() if name in components}
     g = torch.Generator(device=device).manual_seed(seed)
     for part in parts.values():
         part.to(dtype)
@@ -177,13 +184,14 @@ def build_models(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     return parts
 
 
-def memory_needed(dtype: torch.dtype) -> tuple[int, int]:
+def memory_needed(dtype: torch.dtype, components: tuple[str, ...] = PARTS["all"]) -> tuple[int, int]:
     """The models' bytes in ``dtype`` (counted on the meta device) and about what a CPU run needs:
     the models twice (a reversible load gives every patched weight new storage beside its kept
     original; the fused run snapshots them; LyCORIS' merge adds about 0.6x) plus 1 GiB."""
     from lohakr.loaders.reference_models import build_components
 
-    count = sum(p.numel() for part in build_components("sdxl", "meta").values() for p in part.parameters())
+    count = sum(p.numel() for name, part in build_components("sdxl", "meta").items() if name in components
+                for p in part.parameters())
     model = count * torch.tensor([], dtype=dtype).element_size()
     return model, 2 * model + 2**30
 
@@ -212,21 +220,46 @@ def lycoris_preset(directory: Path) -> str:
     return str(path)
 
 
-def cached_adapter_file(name: str, config: dict) -> Path:
+def cached_adapter_file(name: str, config: dict, components: tuple[str, ...] = PARTS["all"]) -> Path:
     import hashlib
 
     tag = "_".join(f"{k}{v}" for k, v in sorted(config.items()))
-    return CACHE / f"{name}__{hashlib.sha1(tag.encode()).hexdigest()[:10]}.safetensors"
+    subset = "" if set(components) == set(PARTS["all"]) else "__" + "+".join(components)
+    return CACHE / f"{name}__{hashlib.sha1(tag.encode()).hexdigest()[:10]}{subset}.safetensors"
 
 
-def make_adapter_file(parts: dict, name: str, config: dict) -> Path:
-    """A real lycoris-lora file for these models (cached by name and config)."""
+def make_adapter_file(name: str, config: dict, components: tuple[str, ...] = PARTS["all"]) -> Path:
+    """A real lycoris-lora file for the full SDXL (cached by name and config); for a subset of its
+    components, that file's modules of those components (cached too)."""
     CACHE.mkdir(exist_ok=True)
-    path = cached_adapter_file(name, config)
+    path = cached_adapter_file(name, config, components)
     if path.exists():
         return path
+    full = cached_adapter_file(name, config)
+    if not full.exists():
+        _write_lycoris_file(full, config)
+    if path != full:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        prefixes = tuple(FILE_PREFIXES[c] for c in components)
+        with safe_open(str(full), "pt") as f:
+            kept = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefixes)}
+            metadata = f.metadata()
+        save_file(kept, str(path), metadata)
+    return path
+
+
+def _write_lycoris_file(path: Path, config: dict) -> None:
+    """lycoris-lora's network on the full SDXL, built on the meta device (the file needs only the
+    shapes: it is the same, tensor for tensor, as one made on materialised models), seeded random
+    factors, saved in fp16 with kohya names."""
+    from lohakr.loaders.reference_models import build_components
     from lycoris.kohya import create_network
 
+    parts = build_components("sdxl", "meta")
+    for part in parts.values():
+        part.to(torch.float16).eval().requires_grad_(False)
     kw = dict(config)
     te = [parts["text_encoder"], parts["text_encoder_2"]]
     network = create_network(1.0, kw.pop("network_dim"), kw.pop("network_alpha"), None, te, parts["unet"],
@@ -238,12 +271,6 @@ def make_adapter_file(parts: dict, name: str, config: dict) -> Path:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     network.save_weights(str(path), torch.float16, {"ss_network_module": "lycoris.kohya",
                                                     "ss_base_model_version": "sdxl_base_v1-0"})
-    network.restore() if hasattr(network, "restore") else None
-    for lora in network.text_encoder_loras + network.unet_loras:  # undo apply_to's forward hooks
-        lora.org_module[0].forward = lora.org_forward
-    del network
-    gc.collect()
-    return path
 
 
 # -- roofline ------------------------------------------------------------------------------------
@@ -424,7 +451,8 @@ def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
 
     # Its default "full" preset fails on diffusers UNets ("duplicated lora name"); use the fixed one.
     LycorisNetworkKohya.apply_preset(read_preset(lycoris_preset(CACHE)))
-    te = [parts["text_encoder"], parts["text_encoder_2"]]
+    te = [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts]
+    unet = parts.get("unet", torch.nn.Module())  # an empty module: no UNet modules to merge
     snapshot = {}
     for name, part in parts.items():
         for key, value in part.state_dict().items():
@@ -437,8 +465,8 @@ def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
 
     def merge():
         weights = load_file(str(path))
-        network, weights = create_network_from_weights(1.0, str(path), None, te, parts["unet"], weights_sd=weights)
-        network.merge_to(te, parts["unet"], weights, dtype, device)
+        network, weights = create_network_from_weights(1.0, str(path), None, te, unet, weights_sd=weights)
+        network.merge_to(te, unet, weights, dtype, device)
 
     try:
         total, peak = timer(merge, setup=restore, reps=reps, warmup=warmup, label=f"lycoris:{path.name}")
@@ -491,24 +519,33 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-warmup", type=int, default=1, help="untimed LyCORIS runs first (0 saves minutes)")
     parser.add_argument("--no-lycoris", action="store_true", help="skip the LyCORIS peer")
     parser.add_argument("--scaling", action="store_true", help="also time rank 4..128 and 1..8 stacked adapters")
+    parser.add_argument("--parts", choices=list(PARTS), default="all",
+                        help="build only the UNet or only the text encoders (each at full size; the files keep "
+                             "their modules): for a dtype whose whole model twice does not fit in memory")
     parser.add_argument("--json", help="write all figures to this file")
+    parser.add_argument("--report", metavar="JSON", help="print the figures of a run saved with --json, measure nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        summarize(json.loads(Path(args.report).read_text()))
+        return 0
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = args.device
+    components = PARTS[args.parts]
     if device == "cpu":
-        model, needed = memory_needed(dtype)
+        model, needed = memory_needed(dtype, components)
         available = memory_available()
         if available and available < needed:
-            print(f"not enough memory for a full-size {args.dtype} run: the models take {model / 2**30:.1f} GiB and a "
-                  f"reversible load keeps every original beside its patched copy, so the run needs about "
-                  f"{needed / 2**30:.1f} GiB; {available / 2**30:.1f} GiB is available. Use --dtype fp16 or a machine "
-                  "with more memory.", file=sys.stderr)
+            smaller = "--dtype fp16, --parts unet or --parts text_encoders" if args.parts == "all" else "--dtype fp16"
+            print(f"not enough memory for a full-size {args.dtype} run of {args.parts}: the models take "
+                  f"{model / 2**30:.1f} GiB and a reversible load keeps every original beside its patched copy, so the "
+                  f"run needs about {needed / 2**30:.1f} GiB; {available / 2**30:.1f} GiB is available. Use {smaller} "
+                  "or a machine with more memory.", file=sys.stderr)
             return 2
     timer = Timer(device, args.warmup)
     report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "device": device,
                                 "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
-                    "dtype": args.dtype}
+                    "dtype": args.dtype, "parts": list(components)}
     from lohakr.loaders import native
 
     if device == "cpu":
@@ -523,19 +560,19 @@ def main(argv=None) -> int:
           f"square {peaks['square_gemm_flops'] / 1e9:.0f}, rank-32 batched {peaks['rank32_gemm_flops'] / 1e9:.0f}), "
           f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s, writing fresh memory {peaks['first_touch_bandwidth'] / 1e9:.1f} GB/s")
     names = [n for n in args.adapters.split(",") if n]
-    cached = {name: cached_adapter_file(name, ADAPTERS[name]) for name in names}
-    if all(p.exists() for p in cached.values()):
-        # The ComfyUI peer runs first, in its own process, while this one holds no model yet.
-        report["comfyui"] = run_comfy(cached, args.dtype, args.reps, args.warmup)
+    paths = {name: make_adapter_file(name, ADAPTERS[name], components) for name in names}
+    # The ComfyUI peer runs first, in its own process, while this one holds no model yet.
+    report["comfyui"] = (run_comfy(paths, args.dtype, args.reps, args.warmup) if "unet" in components
+                         else {"skipped": "the ComfyUI peer builds and patches the UNet only"})
     start = time.perf_counter()
-    parts = build_models(dtype, device)
+    parts = build_models(dtype, device, components)
     model_bytes = sum(p.numel() * p.element_size() for part in parts.values() for p in part.parameters())
-    print(f"full SDXL UNet + CLIP-L + CLIP-G: {model_bytes / 2**30:.2f} GiB {args.dtype} on {device} "
+    built = {"all": "UNet + CLIP-L + CLIP-G", "unet": "UNet", "text_encoders": "CLIP-L + CLIP-G"}[args.parts]
+    print(f"full SDXL {built}: {model_bytes / 2**30:.2f} GiB {args.dtype} on {device} "
           f"(built in {time.perf_counter() - start:.0f} s)")
     from lohakr import ModelLayout, load_adapter
 
     layout = ModelLayout.from_diffusers(**parts)
-    paths = {name: make_adapter_file(parts, name, ADAPTERS[name]) for name in names}
     report["adapters"] = {}
     for name, path in paths.items():  # lohakr first, so the peers' memory churn cannot slow it
         adapter = load_adapter(path)
@@ -544,16 +581,12 @@ def main(argv=None) -> int:
         # just before this adapter's runs (the start's figures are in report["roofline"]).
         now = machine_peaks(device)
         bound = max(flops / now["gemm_flops"], bytes_min / now["bandwidth"])
-        # Keeping originals means writing the patched weights to memory not yet touched.
-        reversible_bound = max(flops / now["gemm_flops"], bytes_min / 2 / now["bandwidth"]
-                               + bytes_min / 2 / now["first_touch_bandwidth"])
         ours = run_lohakr(parts, path, timer, args.reps, tag=f"{name}:")
         if device.startswith("cuda"):
             ours["originals_on_cpu"] = run_lohakr(parts, path, timer, args.reps, keep_originals_on="cpu",
                                                   tag=f"{name}:cpu:")
         report["adapters"][name] = {"modules": len(adapter), "file_mb": path.stat().st_size / 2**20, "flops": flops,
                                     "bytes_min": bytes_min, "roofline_now": now, "lower_bound_s": bound,
-                                    "reversible_lower_bound_s": reversible_bound,
                                     "largest_layer_delta_bytes": layer_delta,
                                     "lohakr": ours}
         del adapter
@@ -561,9 +594,29 @@ def main(argv=None) -> int:
     for name, path in paths.items():
         report["adapters"][name]["lycoris"] = {} if args.no_lycoris else run_lycoris(
             parts, path, timer, args.peer_reps, device, dtype, args.peer_warmup)
+    summarize(report)
+    if args.scaling:
+        report["scaling"] = scaling(parts, timer, device, components)
+    if "adapters" not in report["comfyui"]:
+        print(f"\nComfyUI: {report['comfyui']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def summarize(report: dict) -> None:
+    """Print the figures of a run side by side and add the derived ones to ``report``: each load's
+    own bound, the bounds measured in each cycle, the ratio a load at its own bound would have
+    reached against LyCORIS. Also reprints a saved run (``--report``)."""
     for name, entry in report["adapters"].items():
         ours, peer, bound = entry["lohakr"], entry["lycoris"], entry["lower_bound_s"]
         now = entry["roofline_now"]
+        # What faulting in a page costs beyond writing it (both rates with every thread): a
+        # reversible load writes the patched weights to new storage, which the allocator may have
+        # to fault in. Added to the bound, not overlapped: faults take the cores the work needs.
+        fault_cost = 1 / now["first_touch_bandwidth"] - 1 / now["bandwidth"]
+        new_storage = entry["bytes_min"] / 2
+        entry["reversible_lower_bound_s"] = bound + new_storage * fault_cost
         print(f"\n{name}: {entry['modules']} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
               f"({entry['flops'] / 1e9:.0f} GFLOP, {entry['bytes_min'] / 2**30:.2f} GiB moved; machine just before: "
               f"GEMM {now['gemm_flops'] / 1e9:.0f} GFLOP/s, copy {now['bandwidth'] / 1e9:.1f} GB/s, fresh memory "
@@ -579,16 +632,12 @@ def main(argv=None) -> int:
               f"[{min(cycles):.2f}..{max(cycles):.2f}]; a load's kernel CPU time {statistics.median(k for k, _ in faults):.2f} s "
               f"({statistics.median(n for _, n in faults) / 1e6:.2f} M page faults; a strength change's "
               f"{statistics.median(k for k, _ in ours['kernel']['strength']):.2f} s)")
-        # A reversible load writes the patched weights to new storage: pages the allocator has to
-        # fault in unless it reuses freed ones. Each load's own bound adds the pages it faulted in
-        # (at most the new storage) at the fresh-memory rate measured before this adapter.
-        new_storage = entry["bytes_min"] / 2
-        fault_s = [min(n * mmap.PAGESIZE, new_storage) / now["first_touch_bandwidth"] for _, n in faults]
-        ours["load_bounds_s"] = [max(entry["flops"] / now["gemm_flops"], entry["bytes_min"] / now["bandwidth"] + f)
-                                 for f in fault_s]
+        # Each load's own bound adds the pages it did fault in (at most the new storage).
+        fault_s = [min(n * mmap.PAGESIZE, new_storage) * fault_cost for _, n in faults]
+        ours["load_bounds_s"] = [bound + f for f in fault_s]
         own = [t / b for t, b in zip(load_runs, ours["load_bounds_s"])]
-        print(f"           each load against its own bound (the bound plus the pages it faulted in, at the fresh-memory "
-              f"rate): {statistics.median(own):.2f}× [{min(own):.2f}..{max(own):.2f}]")
+        print(f"           each load against its own bound (the bound plus the extra cost of the pages it faulted "
+              f"in, at the fresh-memory rate): {statistics.median(own):.2f}× [{min(own):.2f}..{max(own):.2f}]")
         # The roofline measured in each cycle, seconds from the steps it bounds: the GEMM rate
         # then, and a plain copy of the same weights (every kept original read, every live weight
         # written: the bytes a strength change must move; for fused loads, restoring the weights
@@ -600,7 +649,7 @@ def main(argv=None) -> int:
                 ("load", "copy", ours["cycle_gemm_flops"], fault_s),
                 ("strength", "copy", ours["cycle_gemm_flops"], no_faults),
                 ("fused", "fused_restore", ours.get("fused_cycle_gemm_flops", []), no_faults)):
-            bounds = [max(entry["flops"] / rate, copy + e) for rate, copy, e in zip(rates, runs.get(copy_step, []), extra)]
+            bounds = [max(entry["flops"] / rate, copy) + e for rate, copy, e in zip(rates, runs.get(copy_step, []), extra)]
             in_cycle[step] = [t / b for t, b in zip(runs.get(step, []), bounds)]
         ours["in_cycle_bound_ratios"] = in_cycle
         print("           against the roofline measured in the same cycle (its GEMM rate, median "
@@ -621,10 +670,15 @@ def main(argv=None) -> int:
                   f"{fmt_s(other['strength_s'])}  unload {fmt_s(other['unload_s'])}")
         if peer.get("load_patch_s"):
             # LyCORIS' time includes reading the file: ours gets the parse added for the ratio.
+            # Its merge writes in place; a reversible load writes new storage and pays for the
+            # pages it faults in: the ratio a load exactly at its own bound would have reached
+            # says how much of a shortfall is the machine's fresh memory, not the loader.
+            at_bound = peer["load_patch_s"] / (ours["parse_s"] + statistics.median(ours["load_bounds_s"]))
+            peer["ratio_at_own_bound"] = at_bound
             print(f"  LyCORIS  load_file + create_network_from_weights + merge_to {fmt_s(peer['load_patch_s'])} "
                   f"({peer['load_patch_s'] / (ours['parse_s'] + ours['load_patch_s']):.1f}× lohakr parse + load, "
-                  f"{peer['load_patch_s'] / (ours['parse_s'] + ours['fused_load_s']):.1f}× parse + fused)  "
-                  f"peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
+                  f"{peer['load_patch_s'] / (ours['parse_s'] + ours['fused_load_s']):.1f}× parse + fused; "
+                  f"{at_bound:.1f}× for a load at its own bound)  peak +{peer['peak_extra_bytes'] / 2**30:.2f} GiB")
         elif peer:
             print(f"  LyCORIS  {peer.get('error')}")
         comfy = report.get("comfyui", {}).get("adapters", {}).get(name)
@@ -639,35 +693,24 @@ def main(argv=None) -> int:
                 print(f"           memory held while patching (1 MiB mmap threshold): native "
                       f"+{live['native_peak_bytes'] / 2**20:.0f} MiB, lohakr nodes +{live['lohakr_peak_bytes'] / 2**20:.0f} MiB"
                       f" (largest layer's float32 ΔW {entry['largest_layer_delta_bytes'] / 2**20:.0f} MiB)")
-    if args.scaling:
-        report["scaling"] = scaling(parts, timer, device)
-    if "comfyui" not in report:
-        del parts
-        gc.collect()
-        report["comfyui"] = run_comfy(paths, args.dtype, args.reps, args.warmup)
-    if "adapters" not in report["comfyui"]:
-        print(f"\nComfyUI: {report['comfyui']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-    return 0
 
 
-def scaling(parts, timer, device) -> dict:
+def scaling(parts, timer, device, components: tuple[str, ...] = PARTS["all"]) -> dict:
     """Load+patch time against LoHa rank (linear modules) and against the number of stacked adapters."""
     import lohakr
 
     out = {"rank": {}, "stack": {}}
     pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}))
     for rank in (4, 8, 16, 32, 64, 128):
-        path = make_adapter_file(parts, f"loha_r{rank}", dict(algo="loha", network_dim=rank, network_alpha=rank / 2,
-                                                              conv_dim=0, conv_alpha=0))
+        path = make_adapter_file(f"loha_r{rank}", dict(algo="loha", network_dim=rank, network_alpha=rank / 2,
+                                                       conv_dim=0, conv_alpha=0), components)
         adapter = lohakr.load_adapter(path)
         t, _ = timer(lambda: pipe.load_lycoris(adapter, "r"), setup=lambda: pipe.unload_lycoris(), reps=1)
         pipe.unload_lycoris()
         out["rank"][rank] = t
         print(f"  scaling: LoHa rank {rank:3d}: load+patch {t:6.2f} s")
-    adapter = lohakr.load_adapter(make_adapter_file(parts, "loha_r16", dict(algo="loha", network_dim=16, network_alpha=8,
-                                                                             conv_dim=0, conv_alpha=0)))
+    adapter = lohakr.load_adapter(make_adapter_file("loha_r16", dict(algo="loha", network_dim=16, network_alpha=8,
+                                                                      conv_dim=0, conv_alpha=0), components))
     for count in (1, 2, 4, 8):
         def one_by_one():
             for i in range(count):
