@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+from .safe_json import JsonSyntaxError, parse_json
 
 BASE_MODELS = ("sdxl", "sd1", "sd2", "unknown")
 BASE_MODEL_NAMES = {"sdxl": "SDXL", "sd1": "SD1.5", "sd2": "SD2.x", "unknown": "an unknown base model"}
@@ -15,32 +16,47 @@ BASE_MODEL_NAMES = {"sdxl": "SDXL", "sd1": "SD1.5", "sd2": "SD2.x", "unknown": "
 CROSS_ATTENTION_WIDTH = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
 
 
-def _json(value: str | None) -> Any:
-    if not value:
-        return None
-    try:
-        return json.loads(value)
-    except (ValueError, TypeError):
-        return None
+# Header fields holding JSON that lohakr reads.
+JSON_FIELDS = ("ss_network_args", "ss_tag_frequency")
 
 
 @dataclass
 class AdapterMetadata:
-    """The raw header plus the parts people ask about, decoded."""
+    """The raw header plus the parts people ask about, decoded.
+
+    The JSON fields are decoded once, when the header is read, with ``safe_json``'s limits: a
+    bomb is refused there (``AdapterFormatError`` naming ``source`` and the field); a field that
+    is simply not JSON is read as absent and listed in ``problems``."""
 
     raw: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    problems: list[str] = field(default_factory=list)
+    _decoded: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for key in JSON_FIELDS:
+            value = self.raw.get(key)
+            if not value:
+                continue
+            try:
+                self._decoded[key] = parse_json(value, self.source or "<header>", f"header field {key}")
+            except JsonSyntaxError as err:
+                self.problems.append(f"{err}; it is ignored")
+
+    def _json(self, key: str) -> Any:
+        return self._decoded.get(key)
 
     @property
     def training_args(self) -> dict[str, Any]:
         """``ss_network_args`` as a dict (values are the strings sd-scripts wrote)."""
-        args = _json(self.raw.get("ss_network_args"))
+        args = self._json("ss_network_args")
         return args if isinstance(args, dict) else {}
 
     @property
     def tag_frequency(self) -> Counter:
         """``ss_tag_frequency`` merged over datasets: tag → count."""
         counts: Counter = Counter()
-        data = _json(self.raw.get("ss_tag_frequency"))
+        data = self._json("ss_tag_frequency")
         if isinstance(data, dict):
             for tags in data.values():
                 if isinstance(tags, dict):
@@ -103,11 +119,13 @@ class AdapterMetadata:
         return None
 
 
-_SDXL_KEY = re.compile(r"^lora_(te1|te2)_|^lora_unet_(input_blocks|middle_block|output_blocks)_")
+# Two text encoders mean SDXL. SGM UNet names (``lora_unet_input_blocks_…``) do not: converters
+# write them for SD1.5 too.
+_SDXL_KEY = re.compile(r"^lora_(te1|te2)_")
 
 
 def base_model_from_names(module_names: Iterable[str]) -> tuple[str, str] | None:
-    """SDXL from kohya key prefixes (``lora_te1_``/``lora_te2_``, SGM UNet names)."""
+    """SDXL from kohya's text-encoder key prefixes (``lora_te1_``/``lora_te2_``)."""
     for name in module_names:
         if _SDXL_KEY.match(name):
             return "sdxl", f"key prefix of {name}"

@@ -9,7 +9,6 @@ then says so instead of guessing.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import AdapterFormatError
+from .safe_json import MAX_JSON_BYTES, parse_json
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -39,19 +39,31 @@ def read_config(config: Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str
         return dict(config), "peft_config"
     source = os.fspath(config)
     try:
-        with open(source, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise AdapterFormatError(f"{source}: cannot read the PEFT config ({err})") from err
+        with open(source, "rb") as handle:
+            text = handle.read(MAX_JSON_BYTES + 1)
+    except OSError as err:
+        raise AdapterFormatError(f"{source}: cannot read the PEFT config ({err.strerror or err})") from err
+    data = parse_json(text, source, "the PEFT config")
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{source}: a PEFT config is a JSON object, this is {type(data).__name__}")
     return data, source
+
+
+# A quantifier on a group (``(a+)+``, ``(a|aa)*``) can make a regular expression take exponential
+# time on a short path; PEFT writes module names (at most ``.*``) as patterns, so such keys are refused.
+_QUANTIFIED_GROUP = re.compile(r"\)\s*(?:[*+]|\{\d)")
+MAX_PATTERN_LENGTH = 1000
 
 
 def pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any, source: str) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the whole
     module path or a dotted suffix of it (as ``peft.utils.get_pattern_key``), else ``default``."""
     for pattern, value in patterns.items():
+        if len(pattern) > MAX_PATTERN_LENGTH or _QUANTIFIED_GROUP.search(pattern):
+            raise AdapterFormatError(
+                f"{source}: pattern {pattern[:80]!r} is too long or repeats a group, which can take exponential "
+                "time to match; PEFT writes module names there. Fix or remove that key of the config"
+            )
         try:
             if re.match(rf"(.*\.)?({pattern})$", module_path):
                 return value
@@ -81,6 +93,12 @@ def apply_config(modules: Mapping[str, Any], config: Mapping[str, Any], source: 
         )
     rank_patterns = config.get("rank_pattern") or {}
     alpha_patterns = config.get("alpha_pattern") or {}
+    for field_name, patterns in (("rank_pattern", rank_patterns), ("alpha_pattern", alpha_patterns)):
+        if not isinstance(patterns, Mapping) or not all(isinstance(k, str) for k in patterns):
+            raise AdapterFormatError(
+                f"{source}: {field_name} is {type(patterns).__name__}; PEFT writes an object of module "
+                "name patterns to numbers there"
+            )
     count = 0
     for name, module in modules.items():
         if module.alpha is not None or not module.uses_alpha:
