@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import peft_config
-from .errors import AdapterFormatError, where
+from .errors import AdapterFormatError, AdapterShapeError, where
 from .metadata import (
     BASE_MODEL_NAMES,
     AdapterMetadata,
@@ -51,7 +51,6 @@ UNSUPPORTED_SUFFIXES: dict[str, str] = {
     "b2.weight": "GLoRA",
     "bm.weight": "GLoRA",
     "on_input": "IA3",
-    "weight": "IA3",
     "lora_A.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
     "lora_B.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
     "lora_A.default.weight": "PEFT LoRA (use diffusers' load_lora_weights)",
@@ -59,13 +58,18 @@ UNSUPPORTED_SUFFIXES: dict[str, str] = {
     "lora_magnitude_vector": "PEFT DoRA magnitude",
 }
 
+# What a model's own tensors end in (IA3 stores a ``weight`` too, always beside ``on_input``).
+MODEL_WEIGHT_SUFFIXES = frozenset({"weight", "bias"})
+
 KNOWN_SUFFIXES: tuple[str, ...] = tuple(
     sorted(
-        set().union(*ALGORITHM_SUFFIXES.values(), COMMON_SUFFIXES, UNSUPPORTED_SUFFIXES),
+        set().union(*ALGORITHM_SUFFIXES.values(), COMMON_SUFFIXES, UNSUPPORTED_SUFFIXES, MODEL_WEIGHT_SUFFIXES),
         key=len,
         reverse=True,
     )
 )
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 KIND_NAMES = {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA/LoCon", "full": "full diff"}
 
@@ -150,12 +154,20 @@ class Adapter:
 
 def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read every tensor and the header metadata; refuse pickles and broken files clearly."""
+    if os.path.isdir(path):
+        raise AdapterFormatError(
+            f"{path}: is a folder, not a file. Pass the .safetensors adapter file itself"
+            + _folder_hint(path)
+        )
     try:
         size = os.path.getsize(path)
     except OSError as err:
         raise AdapterFormatError(f"{path}: cannot read the file ({err.strerror or err})") from err
-    with open(path, "rb") as handle:
-        head = handle.read(16)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as err:
+        raise AdapterFormatError(f"{path}: cannot read the file ({err.strerror or err})") from err
     if size == 0:
         raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
@@ -187,6 +199,29 @@ def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def _folder_hint(path: str) -> str:
+    """What a folder holds that could be meant: its .safetensors files, by name."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(path) if entry.name.endswith(".safetensors"))
+    except OSError:
+        return ""
+    if not names:
+        return " (it holds no .safetensors file)"
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f" (it holds {listed})"
+
+
+def resolve_adapter_path(path: str | os.PathLike) -> str:
+    """``path`` itself, or for a PEFT ``save_pretrained`` folder the ``adapter_model.safetensors``
+    in it (its ``adapter_config.json`` is then read from beside it)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, PEFT_WEIGHTS_NAME)
+        if os.path.isfile(inside):
+            return inside
+    return path
+
+
 def load_adapter(
     path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
     *,
@@ -211,17 +246,17 @@ def load_adapter(
             if not isinstance(value, Tensor):
                 raise AdapterFormatError(f"{source}: value of {key!r} is {type(value).__name__}, not a tensor")
     else:
-        source = os.fspath(path_or_state_dict)
+        source = resolve_adapter_path(path_or_state_dict)
         tensors, header = _read_safetensors(source)
     if metadata:
         header = {**header, **{str(k): str(v) for k, v in metadata.items()}}
     if not tensors:
         raise AdapterFormatError(f"{source}: the file contains no tensors")
 
-    info = AdapterMetadata(header)
+    info = AdapterMetadata(header, source=source)
     wd_hint = info.wd_on_output
     groups: dict[str, dict[str, Tensor]] = {}
-    adapter = Adapter(source=source, modules={}, metadata=info)
+    adapter = Adapter(source=source, modules={}, metadata=info, warnings=list(info.problems))
     for key, tensor in tensors.items():
         if key.startswith("bundle_emb."):
             adapter.skipped.setdefault("bundle_emb", "bundled textual-inversion embeddings (not a layer)")
@@ -234,9 +269,46 @@ def load_adapter(
         if module is not None:
             adapter.modules[module_name] = module
 
+    if not adapter.modules:
+        raise AdapterFormatError(_nothing_applicable(source, groups, adapter.skipped))
     _apply_peft_config(adapter, peft_config)
+    for name, module in adapter.modules.items():
+        _check_scale(module, where(source, name))
     adapter.base_model, adapter.base_model_evidence = _detect_base_model(adapter)
     return adapter
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_scale(module: AdapterModule, context: str) -> None:
+    """The scale multiplies float32 products: one beyond float32's range turns ΔW into inf."""
+    scale = module.scale
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise AdapterFormatError(
+            f"{context}alpha {module.alpha:g} gives the scale {scale:g}, beyond float32's range: every value of "
+            "ΔW would be inf. The file is corrupt"
+        )
+
+
+def _nothing_applicable(source: str, groups: Mapping[str, Mapping[str, Tensor]], skipped: Mapping[str, str]) -> str:
+    """Why a file with no module lohakr applies is refused: a model checkpoint, other algorithms,
+    or keys that are not an adapter's."""
+    model_weights = [name for name, group in groups.items() if set(group) <= MODEL_WEIGHT_SUFFIXES]
+    if groups and len(model_weights) * 2 >= len(groups):
+        return (
+            f"{source}: this is a model checkpoint, not an adapter: {len(model_weights)} of its {len(groups)} "
+            f"layers are plain weights (such as {model_weights[0]}) and none is a LoHa/LoKr/LoRA module. "
+            "Load it as a model (a checkpoint loader, from_single_file), and choose an adapter file here"
+        )
+    reasons = sorted({reason for reason in skipped.values() if reason.startswith("unsupported algorithm")})
+    if reasons:
+        listed = "; ".join(reasons[:4])
+        return (f"{source}: no module lohakr can apply ({len(skipped)} module(s): {listed}). lohakr applies "
+                "LoHa, LoKr, LoRA/LoCon and full-diff modules")
+    examples = ", ".join(sorted(skipped)[:3])
+    return (f"{source}: no adapter module in the file (its keys, such as {examples}, are not those of a LoHa, LoKr, "
+            "LoRA/LoCon or full-diff module)")
 
 
 def _apply_peft_config(adapter: Adapter, config: Mapping | str | os.PathLike | None) -> None:
@@ -276,7 +348,9 @@ def _build_module(
     kinds = [kind for kind, suffixes in ALGORITHM_SUFFIXES.items() if suffixes & group.keys()]
     if not kinds:
         other = sorted({UNSUPPORTED_SUFFIXES[s] for s in group if s in UNSUPPORTED_SUFFIXES})
-        if other:
+        if set(group) <= MODEL_WEIGHT_SUFFIXES:
+            adapter.skipped[name] = "a model's own weight, not an adapter module"
+        elif other:
             adapter.skipped[name] = f"unsupported algorithm: {', '.join(other)}"
         else:
             adapter.skipped[name] = f"unrecognised keys: {', '.join(sorted(group))}"
@@ -297,6 +371,11 @@ def _build_module(
             alpha = parse_alpha(tensor, context)
         elif suffix == "scalar":
             scalar = parse_alpha(tensor, context)
+            if not math.isfinite(scalar):
+                raise AdapterFormatError(
+                    f"{context}the stored scalar is {scalar}; ΔW is multiplied by it, so the file is corrupt. "
+                    "Nothing was patched"
+                )
             notes.append(f"has a stored scalar {scalar:g}; ΔW is multiplied by it")
         elif suffix == "dora_scale":
             dora_scale = tensor
@@ -310,6 +389,11 @@ def _build_module(
     for suffix, tensor in [*factors.items(), *([("dora_scale", dora_scale)] if dora_scale is not None else [])]:
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{context}{suffix} has dtype {tensor.dtype}; factors must be floating point")
+        if tensor.numel() == 0:
+            raise AdapterShapeError(
+                f"{context}{suffix} has shape {tuple(tensor.shape)}, no values (rank 0?); every factor needs "
+                "at least rank 1. The file is broken"
+            )
         bad = _nonfinite_count(tensor)
         if bad:
             raise AdapterFormatError(
