@@ -43,3 +43,11 @@ class FusedAdapterError(LohakrError):
 
 class FusedPartlyError(LohakrError, RuntimeError):
     """Fusing failed midway: some layers are changed and nothing was kept to undo them."""
+
+
+class NonFiniteUpdateError(LohakrError):
+    """Patching would write NaN or inf into a weight (factor overflow, alpha, scalar, strength)."""
+
+
+class NothingToApplyError(LohakrError):
+    """No module of the file applies to this model: the load would change nothing."""

@@ -1,4 +1,4 @@
-"""One adapted layer of a file: its raw factors, its scale, and ΔW on demand (spec §2, §3, §5).
+"""One adapted layer of a file: its raw factors, its scale, and ΔW on demand (docs/format.md#factor-shapes, #scale, #dora).
 
 A module keeps the tensors exactly as stored (``_a`` is the output side, ``_b`` the input side;
 in Tucker mode ``_a`` is ``(r, out)``) and never holds a ΔW: ``delta()`` builds one layer's update
@@ -28,6 +28,38 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+# Products whose bound stays below this are certain to be finite when built in float32.
+FLOAT32_SAFE = torch.finfo(torch.float32).max / 4
+
+
+def _abs_max(t: Tensor) -> float:
+    """max |t|, as a Python float."""
+    return float(t.detach().abs().amax()) if t.numel() else 0.0
+
+
+def _row_sum_max(t: Tensor) -> float:
+    """max over rows of Σ |row| (``t`` folded to 2-D): bounds ``|(t @ x)[i, j]|`` by ``· max |x|``."""
+    rows = t.detach().reshape(t.shape[0], -1).to(torch.float64).abs().sum(dim=1)
+    return float(rows.max()) if rows.numel() else 0.0
+
+
+def _core_row_sum_max(core: Tensor) -> float:
+    """``max_i Σ_j max_k |core[i, j, k…]|``: a Tucker core's part of a rebuild's bound."""
+    folded = core.detach().reshape(core.shape[0], core.shape[1], -1).to(torch.float64).abs().amax(dim=2)
+    return float(folded.sum(dim=1).max())
+
+
+def bound_product(*bounds: float) -> float:
+    """The product of chained factors' bounds; ``inf`` where any partial product could leave
+    float32's range (a GEMM's running sums are bounded by the same partial products)."""
+    result = 1.0
+    for bound in bounds:
+        result *= bound
+        if not result <= FLOAT32_SAFE:  # also catches NaN
+            return math.inf
+    return result
+
+
 @dataclass(eq=False)
 class AdapterModule:
     """Base class: factors as stored plus alpha, DoRA magnitude and the scale rule."""
@@ -42,6 +74,7 @@ class AdapterModule:
     zero_alpha_means_rank: bool = False
     notes: list[str] = field(default_factory=list)
     config_rank: int | None = None  # PEFT's r from adapter_config.json: divides alpha in every case
+    _bound: float | None = field(default=None, init=False, repr=False)  # update_bound(), once computed
 
     kind: ClassVar[str] = ""
     uses_alpha: ClassVar[bool] = True
@@ -62,9 +95,9 @@ class AdapterModule:
 
     @property
     def scale(self) -> float:
-        """``s`` of spec §3.1: ``α/r``; 1 without alpha or without a rank (full+full LoKr);
+        """``s`` of docs/format.md#scale: ``α/r``; 1 without alpha or without a rank (full+full LoKr);
         0 for ``α == 0`` (as ComfyUI/A1111/InvokeAI; ``zero_alpha_means_rank`` gives LyCORIS' 1).
-        PEFT files divide by their config's r (``config_rank``) always, full LoKr too (spec D1).
+        PEFT files divide by their config's r (``config_rank``) always, full LoKr too (docs/format.md#peft-alpha-and-r).
         A stored ``scalar`` (never written by current trainers) multiplies in."""
         rank = self.rank if self.config_rank is None else self.config_rank
         if not self.uses_alpha or rank is None or self.alpha is None:
@@ -101,6 +134,18 @@ class AdapterModule:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def update_bound(self) -> float:
+        """An upper bound on every ``|R[i, j]|`` (the unscaled update), from the factors alone and
+        without building R; ``inf`` where R, or a product on the way to it, could leave float32's
+        range. The write guard (``guard.py``) uses it to prove a patch finite without a pass over
+        the weight. Computed once: the factors never change."""
+        if self._bound is None:
+            self._bound = self._factor_bound()
+        return self._bound
+
+    def _factor_bound(self) -> float:
+        raise NotImplementedError
 
     # -- target checks -----------------------------------------------------------------------
     def check_target(self, weight_shape: tuple[int, ...]) -> str | None:
@@ -166,6 +211,7 @@ class AdapterModule:
         """The whole unscaled update R, float32, 2-D ``(O, I·k…)`` (a new tensor)."""
         return self.product_rows(0, self.out_features, device)
 
+    @torch.no_grad()
     def delta(self, weight_shape: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
         """``s·R`` reshaped to ``weight_shape``, float32 on ``device``; strength not included."""
         self._check(weight_shape)
@@ -230,6 +276,7 @@ class AdapterModule:
         """The bias update, for modules that carry one (full ``diff_b``); else ``None``."""
         return None
 
+    @torch.no_grad()
     def add_to(self, weight: Tensor, strength: float, scratch: rebuild.Scratch | None = None) -> Tensor:
         """Apply this module at ``strength`` to ``weight`` (float32, modified in place).
 
@@ -259,6 +306,7 @@ class AdapterModule:
             return weight.copy_(update)
         return weight.add_(update.sub_(weight), alpha=strength)
 
+    @torch.no_grad()
     def patched_weight(
         self,
         base: Tensor,
@@ -336,6 +384,17 @@ class LohaModule(AdapterModule):
     @property
     def tucker(self) -> bool:
         return "hada_t1" in self.factors
+
+    def _factor_bound(self) -> float:
+        f = self.factors
+        branches = []
+        for i in ("1", "2"):
+            a, b = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
+            if self.tucker:
+                branches.append(bound_product(_row_sum_max(a.t()), _core_row_sum_max(f[f"hada_t{i}"]), _abs_max(b)))
+            else:
+                branches.append(bound_product(_row_sum_max(a), _abs_max(b)))
+        return bound_product(*branches)
 
     @property
     def rank(self) -> int:
@@ -568,6 +627,20 @@ class LokrModule(AdapterModule):
 
         return self._cached(f"kron operands {dtype}", device, build) or None
 
+    def _factor_bound(self) -> float:
+        f = self.factors
+        if self.w1_low_rank:
+            w1 = bound_product(_row_sum_max(f["lokr_w1_a"]), _abs_max(f["lokr_w1_b"]))
+        else:
+            w1 = _abs_max(f["lokr_w1"])
+        if not self.w2_low_rank:
+            w2 = _abs_max(f["lokr_w2"])
+        elif self.tucker:
+            w2 = bound_product(_row_sum_max(f["lokr_w2_a"].t()), _core_row_sum_max(f["lokr_t2"]), _abs_max(f["lokr_w2_b"]))
+        else:
+            w2 = bound_product(_row_sum_max(f["lokr_w2_a"]), _abs_max(f["lokr_w2_b"]))
+        return bound_product(w1, w2)
+
     @property
     def w1_low_rank(self) -> bool:
         return "lokr_w1" not in self.factors
@@ -642,7 +715,7 @@ class LokrModule(AdapterModule):
         w1, w2 = self.factors_w1_w2(device)
         rows = rebuild.kron_rows(w1, w2, start, stop)
         width = _numel(self.weight_shape[1:])
-        if _shape(rows) != (stop - start, width):  # TV-KRON-PAD: never reshape a wrongly padded kron
+        if _shape(rows) != (stop - start, width):  # docs/format.md#tv-kron-pad: never reshape a wrongly padded kron
             raise AdapterShapeError(
                 f"{where(self.source, self.name)}Kronecker rows have shape {_fmt(_shape(rows))}, "
                 f"expected {_fmt((stop - start, width))}"
@@ -668,6 +741,12 @@ class LoraModule(AdapterModule):
     @property
     def tucker(self) -> bool:
         return "lora_mid.weight" in self.factors
+
+    def _factor_bound(self) -> float:
+        f = self.factors
+        mid = f.get("lora_mid.weight")
+        core = [] if mid is None else [_core_row_sum_max(mid)]
+        return bound_product(_row_sum_max(f["lora_up.weight"]), *core, _abs_max(f["lora_down.weight"]))
 
     @property
     def rank(self) -> int:
@@ -704,6 +783,9 @@ class FullModule(AdapterModule):
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return _shape(self.factors["diff"])
+
+    def _factor_bound(self) -> float:
+        return bound_product(max(_abs_max(t) for t in self.factors.values()))  # diff, and diff_b for the bias
 
     def product_rows(self, start, stop, device=None) -> Tensor:
         diff = self.factors["diff"]

@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .blocks import BlockWeights
 from .errors import FusedAdapterError, FusedPartlyError
+from .guard import check_patch
 from .modules import AdapterModule
 from .names import LayerTarget
 from .rebuild import Scratch, row_chunks
@@ -65,6 +66,23 @@ class PatchedAdapter:
         """Each layer this adapter touches, once."""
         return list({m.target.key: m.target for m in self.matches}.values())
 
+    def settings(self) -> tuple:
+        """What a strength change alters, to put back if it fails."""
+        return (dict(self.component_strength), self.block_weights, dict(self.report.strength),
+                self.report.block_weights)
+
+    def restore_settings(self, settings: tuple) -> None:
+        component_strength, self.block_weights, report_strength, self.report.block_weights = settings
+        self.component_strength, self.report.strength = dict(component_strength), dict(report_strength)
+
+
+@dataclass
+class _Registry:
+    """The loaded adapters and their settings at one moment: what a failed change goes back to."""
+
+    adapters: dict[str, PatchedAdapter]
+    settings: dict[str, tuple]
+
 
 @dataclass(eq=False)
 class _Original:
@@ -94,10 +112,10 @@ class WeightPatcher:
         self._originals: dict[str, _Original] = {}
         self._counter = 0
         self._pending: dict[str, LayerTarget] | None = None  # targets to recompute when a batch ends
-        self._batch_added: list[str] = []
 
     # -- public -------------------------------------------------------------------------------
     def add(self, adapter: PatchedAdapter, progress: Callable[[Iterable], Iterable] | None = None) -> None:
+        """Apply ``adapter``; on any error the weights and the loaded adapters are as before."""
         if adapter.name in self.adapters:
             raise ValueError(f"an adapter named {adapter.name!r} is already loaded")
         self._counter += 1
@@ -105,54 +123,60 @@ class WeightPatcher:
         if self.fuse:
             self._fuse(adapter, progress)
             return
-        self.adapters[adapter.name] = adapter
-        touched = adapter.targets
-        try:
-            self._keep_originals(touched)
-            if self._pending is not None:
-                self._pending.update((t.key, t) for t in touched)
-                self._batch_added.append(adapter.name)
-                return
-            self._recompute(touched, progress)
-        except BaseException:
-            del self.adapters[adapter.name]
-            if self._pending is None:
-                self._recompute(touched, None)
-            else:
-                self._release_unpatched(touched)
-            raise
+        with self._transaction(adapter.targets, progress):
+            self.adapters[adapter.name] = adapter
+            self._keep_originals(adapter.targets)
 
-    def update(self, name: str, progress=None) -> None:
-        """Recompute every weight ``name`` touches (after its strengths changed)."""
+    def update(self, name: str, progress=None, *, component_strength: Mapping[str, float] | None = None,
+               block_weights: BlockWeights | None = None) -> None:
+        """Give adapter ``name`` new strengths and/or block weights (``None`` keeps them) and recompute
+        every weight it touches; on any error it keeps its old ones and the weights are as before."""
         self.check_changeable(name, "change its strength")
-        self._change(self.adapters[name].targets, progress)
+        adapter = self.adapters[name]
+        with self._transaction(adapter.targets, progress):
+            if component_strength is not None:
+                adapter.component_strength = dict(component_strength)
+            if block_weights is not None:
+                adapter.block_weights = block_weights
 
     def remove(self, name: str, progress=None) -> None:
+        """Unload adapter ``name``: its weights are recomputed without it (originals back, bit for bit,
+        where no adapter is left)."""
         self.check_changeable(name, "unload it")
-        self._change(self.adapters.pop(name).targets, progress)
+        with self._transaction(self.adapters[name].targets, progress):
+            del self.adapters[name]
 
     @contextlib.contextmanager
     def batch(self, progress: Callable[[int], Callable[[Iterable], Iterable] | None] | None = None):
-        """Defer recomputation: adds, updates and removes inside the block only record what they
-        touch; each touched weight is recomputed once when the block ends. If that fails, the
-        adapters added in the block are removed again (weights recomputed without them) and the
-        error is raised. ``progress(total)`` may give a progress wrapper for the final pass."""
+        """A transaction over several changes: adds, updates and removes inside the block only record
+        what they touch, and each touched weight is recomputed once when the block ends. If anything
+        in the block raises, or the final pass fails, the weights and the loaded adapters are exactly
+        as before the block and the error is raised. ``progress(total)`` may give a progress wrapper
+        for the final pass. With ``fuse=True`` loads are final at once: a failed batch that had fused
+        an adapter raises ``FusedPartlyError``."""
         if self._pending is not None:  # nested: the outer batch does the work
             yield self
             return
-        self._pending, self._batch_added = {}, []
+        before = self._snapshot()
+        self._pending = {}
         try:
             yield self
-        finally:  # also when the block raised: what it did before that is applied
-            pending, added = list(self._pending.values()), self._batch_added
-            self._pending, self._batch_added = None, []
-            try:
-                self._recompute(pending, progress(len(pending)) if progress else None)
-            except BaseException:
-                for name in added:
-                    self.adapters.pop(name, None)
-                self._recompute(pending, None)
-                raise
+        except BaseException as err:
+            pending, self._pending = list(self._pending.values()), None
+            self._restore_registry(before)
+            self._release_unpatched(pending)  # nothing was written yet: forget what was kept
+            fused = [n for n, a in self.adapters.items() if a.fused and n not in before.adapters]
+            if fused:
+                raise FusedPartlyError(f"the batch failed ({err}) after fusing {', '.join(fused)} into the "
+                                       "weights, which cannot be undone: reload the model") from err
+            raise
+        pending, self._pending = list(self._pending.values()), None
+        try:
+            self._recompute(pending, progress(len(pending)) if progress else None)
+        except BaseException:
+            self._restore_registry(before)
+            self._recompute(pending, None)
+            raise
 
     def check_changeable(self, name: str, what: str) -> None:
         """Raise ``FusedAdapterError`` if adapter ``name`` is fused (``what``: the refused action)."""
@@ -168,12 +192,43 @@ class WeightPatcher:
                    for o in self._originals.values())
 
     # -- internals ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self, targets: list[LayerTarget], progress) -> Iterator[None]:
+        """One change to the loaded adapters (the block), then the touched weights recomputed, or
+        in a batch recorded for its end. If either raises, the change is undone and the weights are
+        recomputed as before (in a batch nothing was written yet)."""
+        before = self._snapshot()
+        try:
+            yield
+            if self._pending is not None:
+                self._pending.update((t.key, t) for t in targets)
+            else:
+                self._recompute(targets, progress)
+        except BaseException:
+            self._restore_registry(before)
+            if self._pending is not None:
+                self._release_unpatched(targets)
+            else:
+                self._recompute(targets, None)
+            raise
+
+    def _snapshot(self) -> "_Registry":
+        return _Registry(dict(self.adapters), {name: a.settings() for name, a in self.adapters.items()})
+
+    def _restore_registry(self, before: "_Registry") -> None:
+        self.adapters = dict(before.adapters)
+        for name, settings in before.settings.items():
+            self.adapters[name].restore_settings(settings)
+
     def _fuse(self, adapter: PatchedAdapter, progress) -> None:
         """Add ``adapter`` into the live weights in place, keeping nothing."""
         contributions = self._index([adapter])
         scratch = Scratch()
         targets = adapter.targets
         _refuse_meta(targets)
+        for target in targets:
+            weight = _layer(target).weight.detach()
+            _check_finite(target, weight, contributions[target.key], scratch)
         done = 0
         try:
             for target in (progress(targets) if progress else targets):
@@ -192,12 +247,6 @@ class WeightPatcher:
             raise
         adapter.fused = True
         self.adapters[adapter.name] = adapter
-
-    def _change(self, targets: list[LayerTarget], progress) -> None:
-        if self._pending is not None:
-            self._pending.update((t.key, t) for t in targets)
-        else:
-            self._recompute(targets, progress)
 
     def _keep_originals(self, targets: list[LayerTarget]) -> None:
         new = [t for t in targets if t.key not in self._originals]
@@ -226,6 +275,10 @@ class WeightPatcher:
         targets = list(targets)
         index = self._index()
         scratch = Scratch()
+        for target in targets:  # the write guard: every layer checked before any is written
+            kept = self._originals.get(target.key)
+            if kept is not None and index.get(target.key):
+                _check_finite(target, kept.weight, index[target.key], scratch, _layer(target).weight)
         # New storage for every weight that still is its kept original, taken before any layer's
         # working buffers: allocated in between, the long-lived weights pin the freed buffers'
         # heap pages (full-SDXL LoHa: +150-230 MiB resident that malloc_trim gives back).
@@ -328,6 +381,23 @@ def _write_weight(weight: Tensor, source: Tensor, contributions, scratch: Scratc
     for _, module, strength in contributions:
         module.add_to(work, strength, scratch)
     weight.copy_(work)
+
+
+def _check_finite(target: LayerTarget, original: Tensor, contributions, scratch: Scratch,
+                  live: Tensor | None = None) -> None:
+    """``guard.check_patch`` for one layer: ``original`` patched by ``contributions`` must be finite
+    in the live weight's dtype (``live``, default ``original``); the trial, when one is needed, is
+    built into a scratch tensor, never into the weight."""
+    live = original if live is None else live
+
+    def trial() -> Tensor:
+        out = torch.empty(live.shape, dtype=live.dtype, device=live.device)
+        source = original if original.device == live.device else original.to(live.device)
+        with torch.no_grad():
+            _write_weight(out, source.contiguous(), contributions, scratch)
+        return out
+
+    check_patch([(module, strength) for _, module, strength in contributions], live.dtype, target.key, trial)
 
 
 def originals_placement(policy: str | torch.device | None, weights: list[Tensor]) -> dict[torch.device, torch.device]:
