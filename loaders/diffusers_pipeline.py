@@ -15,12 +15,13 @@ import types
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .adapter import KIND_NAMES, Adapter, load_adapter
-from .blocks import BlockWeights, parse_block_weights, zeroed_by_omission
+from .blocks import BlockWeights, parse_block_weights
 from .errors import LohakrError
+from .guard import check_strength
 from .names import ModelLayout
 from .patcher import PatchedAdapter, WeightPatcher
+from .plan import log_report, plan_load
 from .report import LoadReport
-from .resolve import resolve
 
 logger = logging.getLogger("lohakr")
 
@@ -41,6 +42,7 @@ class LycorisLoaderMixin:
         text_encoder_strength: float | None = None,
         block_weights: str | Mapping[str, float] | BlockWeights | None = None,
         strict: bool = False,
+        allow_base_mismatch: bool = False,
     ) -> LoadReport:
         """Load a LyCORIS adapter (LoHa, LoKr, or a mix with LoRA/full modules) and patch the
         pipeline's weights. Returns the report; nothing is changed if it raises.
@@ -48,19 +50,26 @@ class LycorisLoaderMixin:
         ``strength`` is a number, or a dict per component (``{"unet": 0.8, "text_encoder": 0.5,
         "text_encoder_2": 0.0}``; components not named get 1). ``text_encoder_strength`` overrides
         the text encoders. ``block_weights``: an A1111 vector, a preset or ``"IN04=0.5, OUT=0"``.
-        ``strict=True`` raises if any module of the file would not be applied.
+        ``strict=True`` raises if any module of the file would not be applied. A file for another
+        base model (its header, key names or shapes say so) is refused unless
+        ``allow_base_mismatch=True``; a file of which nothing applies is always refused.
         """
-        return _load(self, path_or_dict, adapter_name, None, strength, text_encoder_strength, block_weights, strict)
+        return _load(self, path_or_dict, adapter_name, None, strength, text_encoder_strength, block_weights, strict,
+                     allow_base_mismatch)
 
     def load_loha(self, path_or_dict, adapter_name=None, *, strength: Strength = 1.0,
-                  text_encoder_strength: float | None = None, block_weights=None, strict: bool = False) -> LoadReport:
+                  text_encoder_strength: float | None = None, block_weights=None, strict: bool = False,
+                  allow_base_mismatch: bool = False) -> LoadReport:
         """``load_lycoris`` for a LoHa file; refuses a file with no LoHa module."""
-        return _load(self, path_or_dict, adapter_name, "loha", strength, text_encoder_strength, block_weights, strict)
+        return _load(self, path_or_dict, adapter_name, "loha", strength, text_encoder_strength, block_weights, strict,
+                     allow_base_mismatch)
 
     def load_lokr(self, path_or_dict, adapter_name=None, *, strength: Strength = 1.0,
-                  text_encoder_strength: float | None = None, block_weights=None, strict: bool = False) -> LoadReport:
+                  text_encoder_strength: float | None = None, block_weights=None, strict: bool = False,
+                  allow_base_mismatch: bool = False) -> LoadReport:
         """``load_lycoris`` for a LoKr file; refuses a file with no LoKr module."""
-        return _load(self, path_or_dict, adapter_name, "lokr", strength, text_encoder_strength, block_weights, strict)
+        return _load(self, path_or_dict, adapter_name, "lokr", strength, text_encoder_strength, block_weights, strict,
+                     allow_base_mismatch)
 
     # -- changing and removing ------------------------------------------------------------------
     def set_lycoris_strength(
@@ -76,15 +85,16 @@ class LycorisLoaderMixin:
         patcher = _patcher(self)
         adapter = _get(patcher, adapter_name)
         patcher.check_changeable(adapter_name, "change its strength")
+        new_strength = new_weights = None
         if strength is not None or text_encoder_strength is not None:
             base = strength if strength is not None else adapter.component_strength
-            adapter.component_strength = component_strengths(base, text_encoder_strength)
+            new_strength = component_strengths(base, text_encoder_strength)
         if block_weights is not None:
-            layout_blocks = adapter.report.blocks
-            adapter.block_weights = parse_block_weights(block_weights, layout_blocks, adapter.report.model_family)
+            new_weights = parse_block_weights(block_weights, adapter.report.blocks, adapter.report.model_family)
+        patcher.update(adapter_name, _progress(self, f"lohakr: {adapter_name}", len(adapter.matches)),
+                       component_strength=new_strength, block_weights=new_weights)
         adapter.report.strength = dict(adapter.component_strength)
         adapter.report.block_weights = adapter.block_weights.spec
-        patcher.update(adapter_name, _progress(self, f"lohakr: {adapter_name}", len(adapter.matches)))
 
     def unload_lycoris(self, adapter_name: str | None = None) -> None:
         """Remove one adapter (or all): every weight it touched is recomputed without it, and a
@@ -109,8 +119,9 @@ class LycorisLoaderMixin:
                 pipe.load_lokr("character.safetensors")
 
         Inside the block, files are parsed and matched (errors are raised at once, as usual) but
-        weights change only at its end. If that final pass fails, the adapters loaded in the block
-        are removed again and the error is raised."""
+        weights change only at its end. The block is all or nothing: if anything in it raises, or
+        the final pass fails, the weights and the loaded adapters (with their strengths) are exactly
+        as before the block, and the error, which names the file, is raised."""
         with _patcher(self).batch(lambda total: _progress(self, "lohakr: batch", total)):
             yield
 
@@ -165,11 +176,12 @@ def component_strengths(strength: Strength, text_encoder_strength: float | None)
             raise LohakrError(
                 f"unknown component(s) {', '.join(sorted(unknown))} in strength; use {', '.join(COMPONENTS)}"
             )
-        result = {c: float(strength.get(c, 1.0)) for c in COMPONENTS}
+        result = {c: check_strength(strength.get(c, 1.0), f"strength[{c!r}]") for c in COMPONENTS}
     else:
-        result = {c: float(strength) for c in COMPONENTS}
+        result = {c: check_strength(strength) for c in COMPONENTS}
     if text_encoder_strength is not None:
-        result["text_encoder"] = result["text_encoder_2"] = float(text_encoder_strength)
+        result["text_encoder"] = result["text_encoder_2"] = check_strength(text_encoder_strength,
+                                                                           "text_encoder_strength")
     return result
 
 
@@ -199,8 +211,9 @@ def _get(patcher: WeightPatcher, name: str) -> PatchedAdapter:
 
 
 def _load(pipe, path_or_dict, adapter_name, required_kind, strength, text_encoder_strength, block_weights,
-          strict) -> LoadReport:
+          strict, allow_base_mismatch=False) -> LoadReport:
     patcher = _patcher(pipe)
+    strengths = component_strengths(strength, text_encoder_strength)
     adapter = path_or_dict if isinstance(path_or_dict, Adapter) else load_adapter(path_or_dict)
     if required_kind and required_kind not in adapter.kinds:
         have = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in sorted(adapter.algorithm_counts.items())) or "no modules"
@@ -214,24 +227,12 @@ def _load(pipe, path_or_dict, adapter_name, required_kind, strength, text_encode
         raise LohakrError(
             f"an adapter named {name!r} is already loaded; pass adapter_name=... or unload_lycoris({name!r}) first"
         )
-    layout = pipeline_layout(pipe)
-    matches, report = resolve(adapter, layout, strict=strict)
-    report.adapter = name
-    weights = parse_block_weights(block_weights, layout.blocks, layout.family)
-    warning = zeroed_by_omission(weights, {m.block for m in matches})
-    if warning:
-        report.warnings.append(warning)
-    entry = PatchedAdapter(name, matches, report, component_strengths(strength, text_encoder_strength), weights)
-    report.strength = dict(entry.component_strength)
-    report.block_weights = weights.spec
-    patcher.add(entry, _progress(pipe, f"lohakr: {name}", len(matches)))
-    logger.info("lohakr: %s", report.summary())
-    if report.not_applied:
-        logger.warning("lohakr: %s: %d module(s) not applied:\n%s", name, len(report.not_applied),
-                       "\n".join(f"  {o.module} [{o.status}] {o.reason}" for o in report.not_applied[:20]))
-    for text in report.warnings:
-        logger.warning("lohakr: %s", text)
-    return report
+    plan = plan_load(adapter, pipeline_layout(pipe), name=name, block_weights=block_weights, strengths=strengths,
+                     strict=strict, allow_base_mismatch=allow_base_mismatch)
+    entry = PatchedAdapter(name, plan.matches, plan.report, strengths, plan.block_weights)
+    patcher.add(entry, _progress(pipe, f"lohakr: {name}", len(plan.matches)))
+    log_report(plan.report)
+    return plan.report
 
 
 def _progress(pipe: Any, description: str, total: int) -> Callable[[Iterable], Iterable] | None:

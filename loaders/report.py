@@ -6,7 +6,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-STATUSES = ("applied", "unmatched", "mismatched", "unsupported")
+# ``duplicate``: a second module of the file for a layer another module already patches.
+STATUSES = ("applied", "unmatched", "mismatched", "unsupported", "duplicate")
 
 
 @dataclass
@@ -24,7 +25,8 @@ class ModuleOutcome:
 
 @dataclass
 class LoadReport:
-    """Every module of one file in exactly one of applied / unmatched / mismatched / unsupported."""
+    """Every module of one file in exactly one of applied / unmatched / mismatched / unsupported /
+    duplicate."""
 
     adapter: str
     source: str

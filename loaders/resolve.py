@@ -1,4 +1,4 @@
-"""Match an adapter's modules to a model's layers and classify every module (design §3)."""
+"""Match an adapter's modules to a model's layers and classify every module (docs/names-and-blocks.md#outcomes)."""
 
 from __future__ import annotations
 
@@ -34,11 +34,13 @@ def resolve(
     fallback: Callable[[str], LayerTarget | None] | None = None,
     fallback_name: str = "host",
 ) -> tuple[list[Match], LoadReport]:
-    """Classify each module as applied / unmatched / mismatched / unsupported.
+    """Classify each module as applied / unmatched / mismatched / unsupported / duplicate (a second
+    module for a layer that another module of the file already patches: the first one applies).
 
-    Raises ``BaseModelMismatchError`` when the file is for another base model (most modules do not
-    fit; ``check_base_model=False`` only reports), and ``StrictLoadError`` under ``strict=True`` when anything would not apply; both before
-    any weight is touched. ``fallback`` resolves names the layout does not know (a host's own
+    Raises ``BaseModelMismatchError`` when the file is for another base model: its header, key
+    names or shapes say so, or most modules do not fit (``check_base_model=False`` only reports);
+    and ``StrictLoadError`` under ``strict=True`` when anything would not apply; both before any
+    weight is touched. ``fallback`` resolves names the layout does not know (a host's own
     key map); such outcomes carry ``resolver=fallback_name``.
     """
     report = LoadReport(
@@ -50,6 +52,7 @@ def resolve(
         warnings=list(adapter.warnings),
     )
     matches: list[Match] = []
+    patched_by: dict[str, str] = {}  # layer → the module that patches it
     for name, module in adapter.modules.items():
         target = layout.resolve(name)
         resolver = "lohakr"
@@ -67,6 +70,14 @@ def resolve(
             report.outcomes.append(
                 ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem, resolver)
             )
+            continue
+        layer = target.host_key or target.key
+        first = patched_by.setdefault(layer, name)
+        if first != name:
+            report.outcomes.append(ModuleOutcome(
+                name, "duplicate", target.block, module.kind, target.key,
+                f"the file also names this layer as {first}, which is applied; a layer is patched once "
+                "(the file names it in two styles)", resolver))
             continue
         matches.append(Match(module, target))
         report.outcomes.append(ModuleOutcome(name, "applied", target.block, module.kind, target.key,
@@ -86,20 +97,21 @@ def resolve(
 
 
 def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: LoadReport) -> None:
-    """An adapter for another base model mostly fails to fit: say so in those words."""
+    """Refuse an adapter for another base model: when the file says so (header, key names or
+    cross-attention widths; ``Adapter.base_model``), or when most of its modules do not fit."""
     counts = report.counts()
     considered = counts["applied"] + counts["unmatched"] + counts["mismatched"]
-    if considered == 0 or counts["applied"] * 2 > considered:
-        return
     known = adapter.base_model != "unknown" and layout.family != "unknown"
     if known and adapter.base_model != layout.family:
-        evidence = adapter.base_model_evidence
         raise BaseModelMismatchError(
             f"{adapter.source}: this is {article(BASE_MODEL_NAMES[adapter.base_model])} adapter "
-            f"({evidence}); the model is {BASE_MODEL_NAMES[layout.family]}. Only "
-            f"{counts['applied']} of {considered} modules fit. Use a matching base model; nothing "
-            "was patched"
+            f"({adapter.base_model_evidence}); the model is {BASE_MODEL_NAMES[layout.family]}. "
+            f"{counts['applied']} of {considered} modules would fit, but an adapter applied to another base "
+            "model gives wrong results. Use a matching base model, or pass allow_base_mismatch=True (node "
+            "option 'allow_base_mismatch') to apply what fits anyway; nothing was patched"
         )
+    if considered == 0 or counts["applied"] * 2 > considered:
+        return
     if counts["applied"] == 0 and counts["mismatched"]:
         example = report.of("mismatched")[0]
         raise BaseModelMismatchError(
