@@ -20,6 +20,9 @@ def _input(param: Param) -> tuple:
     if param.kind == "STRING":
         options.update(default=param.default or "", multiline=param.multiline)
         return ("STRING", options)
+    if param.kind == "BOOLEAN":
+        options.update(default=bool(param.default))
+        return ("BOOLEAN", options)
     return (param.kind, options)
 
 

@@ -22,6 +22,8 @@ def _input(param: Param):
                               step=param.step, **common)
     if param.kind == "STRING":
         return io.String.Input(param.name, default=param.default or "", multiline=param.multiline, **common)
+    if param.kind == "BOOLEAN":
+        return io.Boolean.Input(param.name, default=bool(param.default), **common)
     return _TYPES[param.kind].Input(param.name, **common)
 
 

@@ -17,13 +17,14 @@ from typing import Any, Iterable
 
 import torch
 
-from ..loaders.adapter import Adapter, adapter_cache
-from ..loaders.blocks import BlockWeights, parse_block_weights, zeroed_by_omission
-from ..loaders.errors import LohakrError
+from ..loaders.adapter import adapter_cache
+from ..loaders.blocks import BlockWeights
+from ..loaders.errors import LohakrError, NonFiniteUpdateError
+from ..loaders.guard import check_patch, check_strength, provably_finite
 from ..loaders.modules import AdapterModule
 from ..loaders.names import LayerTarget, ModelLayout, guess_block
+from ..loaders.plan import LoadPlan, log_report, plan_load
 from ..loaders.report import LoadReport
-from ..loaders.resolve import resolve
 
 logger = logging.getLogger("lohakr")
 
@@ -112,9 +113,11 @@ def weight_adapter_class() -> type | None:
 
         name = "lohakr"
 
-        def __init__(self, module: AdapterModule, weight_shape: tuple[int, ...], bias: bool = False):
+        def __init__(self, module: AdapterModule, weight_shape: tuple[int, ...], bias: bool = False,
+                     weight_dtype: torch.dtype = torch.float16):
             self.module = module
             self.weight_shape = tuple(weight_shape)
+            self.weight_dtype = weight_dtype  # the model weight's dtype, where the result ends
             self.bias = bias
             self.loaded_keys: set[str] = set()
             self.weights: list[torch.Tensor] = list(module.tensors().values())
@@ -125,6 +128,15 @@ def weight_adapter_class() -> type | None:
 
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weight=None):
+            with torch.no_grad():  # ComfyUI may patch with grad enabled: patching never depends on it
+                result = self._patched(weight, strength, offset, function)
+            if not self.bias and not provably_finite([(self.module, strength)], self.weight_dtype) and not bool(
+                    torch.isfinite(result.to(self.weight_dtype)).all()):
+                raise NonFiniteUpdateError(f"{self.module.source}: module {self.module.name}: patching {key} at "
+                                           f"strength {strength:g} would write NaN/inf; the weight was left as it was")
+            return result
+
+        def _patched(self, weight, strength, offset, function):
             if self.bias:
                 delta = self.module.bias_delta(weight.device)
                 if delta is not None:
@@ -156,10 +168,10 @@ def _is_identity(function: Any) -> bool:
         return False
 
 
-def _patch_value(module: AdapterModule, target: LayerTarget, bias: bool = False):
+def _patch_value(module: AdapterModule, target: LayerTarget, weight_dtype: torch.dtype, bias: bool = False):
     adapter_class = weight_adapter_class()
     if adapter_class is not None:
-        return adapter_class(module, target.weight_shape, bias)
+        return adapter_class(module, target.weight_shape, bias, weight_dtype)
     # Old ComfyUI: a precomputed diff (built now, on the CPU, one layer at a time).
     if bias:
         return ("diff", (module.bias_delta("cpu"),))
@@ -168,12 +180,16 @@ def _patch_value(module: AdapterModule, target: LayerTarget, bias: bool = False)
 
 # -- applying ------------------------------------------------------------------------------------
 def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
-                strict: bool = False) -> tuple[Any, Any, list[LoadReport]]:
+                strict: bool = False, allow_base_mismatch: bool = False) -> tuple[Any, Any, list[LoadReport]]:
     """Apply adapters to clones of ``model``/``clip`` (one clone each for the whole stack).
 
-    Strength 0 on a side returns that input untouched. Raises ``LohakrError`` (file, base model,
-    strict) before any patch is added."""
+    Strength 0 on a side returns that input untouched. Every refusal (file, base model, strict,
+    nothing applies, a patch that would write NaN/inf) is raised as ``LohakrError`` before any
+    patch is added: the inputs are never changed."""
     items = list(items)
+    for item in items:
+        item.strength_model = check_strength(item.strength_model, f"{item.name or item.path}: strength_model")
+        item.strength_clip = check_strength(item.strength_clip, f"{item.name or item.path}: strength_clip")
     use_model = model is not None and any(i.strength_model != 0 for i in items)
     use_clip = clip is not None and any(i.strength_clip != 0 for i in items)
     if not items or not (use_model or use_clip):
@@ -183,45 +199,72 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
                        "patches (more memory, no lazy ΔW). Update ComfyUI for lazy patching.")
     layout = comfy_layout(model, clip)
     fallback = comfy_fallback(model, clip, layout)
-    planned: list[tuple[StackItem, Adapter, list, LoadReport, BlockWeights]] = []
+    planned: list[tuple[StackItem, LoadPlan]] = []
     for item in items:
-        adapter = adapter_cache.load(item.path)
-        matches, report = resolve(adapter, layout, strict=strict, fallback=fallback, fallback_name="comfy")
-        report.adapter = item.name or adapter.name
-        weights = parse_block_weights(item.block_weights, layout.blocks, layout.family)
-        warning = zeroed_by_omission(weights, {m.block for m in matches})
-        if warning:
-            report.warnings.append(warning)
-        report.strength = {"model": item.strength_model, "clip": item.strength_clip}
-        report.block_weights = weights.spec
-        planned.append((item, adapter, matches, report, weights))
+        plan = plan_load(adapter_cache.load(item.path), layout, name=item.name, block_weights=item.block_weights,
+                         strengths={"model": item.strength_model, "clip": item.strength_clip}, strict=strict,
+                         allow_base_mismatch=allow_base_mismatch, fallback=fallback, fallback_name="comfy")
+        planned.append((item, plan))
+
+    host_weights = _host_weights(model if use_model else None, clip if use_clip else None)
+    # Per item: patch value per strength group; per host weight: every module and strength on it.
+    groups_per_item: list[dict[tuple[bool, float], dict[str, Any]]] = []
+    on_weight: dict[str, list[tuple[AdapterModule, float]]] = {}
+    for item, plan in planned:
+        groups: dict[tuple[bool, float], dict[str, Any]] = {}
+        for match in plan.matches:
+            is_clip = match.target.component != "unet"
+            if (is_clip and not use_clip) or (not is_clip and not use_model):
+                continue
+            strength = (item.strength_clip if is_clip else item.strength_model) * plan.block_weights(match.block)
+            if strength == 0:
+                continue
+            on_weight.setdefault(match.target.host_key, []).append((match.module, strength))
+            patches = groups.setdefault((is_clip, strength), {})
+            dtype = host_weights[match.target.host_key].dtype
+            patches[match.target.host_key] = _patch_value(match.module, match.target, dtype)
+            if match.module.has_bias_delta:
+                bias_key = match.target.host_key[: -len("weight")] + "bias"
+                patches[bias_key] = _patch_value(match.module, match.target, dtype, bias=True)
+        groups_per_item.append(groups)
+    _check_finite(host_weights, on_weight)
 
     new_model = model.clone() if use_model else model
     new_clip = clip.clone() if use_clip else clip
     reports = []
-    for item, adapter, matches, report, weights in planned:
-        groups: dict[tuple[bool, float], dict[str, Any]] = {}
-        for match in matches:
-            is_clip = match.target.component != "unet"
-            side_strength = item.strength_clip if is_clip else item.strength_model
-            if (is_clip and not use_clip) or (not is_clip and not use_model):
-                continue
-            strength = side_strength * weights(match.block)
-            if strength == 0:
-                continue
-            patches = groups.setdefault((is_clip, strength), {})
-            patches[match.target.host_key] = _patch_value(match.module, match.target)
-            if match.module.has_bias_delta:
-                bias_key = match.target.host_key[: -len("weight")] + "bias"
-                patches[bias_key] = _patch_value(match.module, match.target, bias=True)
+    for (item, plan), groups in zip(planned, groups_per_item):
         for (is_clip, strength), patches in groups.items():
             receiver = new_clip if is_clip else new_model
             accepted = set(receiver.add_patches(patches, strength))
             dropped = set(patches) - accepted
             if dropped:
-                raise LohakrError(f"{adapter.source}: ComfyUI refused patches for {', '.join(sorted(dropped)[:5])}")
-        reports.append(report)
-        logger.info("lohakr: %s", report.summary())
-        for outcome in report.not_applied[:20]:
-            logger.warning("lohakr: %s: %s [%s] %s", report.adapter, outcome.module, outcome.status, outcome.reason)
+                raise LohakrError(f"{plan.adapter.source}: ComfyUI refused patches for {', '.join(sorted(dropped)[:5])}")
+        reports.append(plan.report)
+        log_report(plan.report)
     return new_model, new_clip, reports
+
+
+def _host_weights(model: Any | None, clip: Any | None) -> dict[str, torch.Tensor]:
+    """The host's weights by state-dict key (no copies)."""
+    weights: dict[str, torch.Tensor] = {}
+    if model is not None:
+        weights.update(model.model.state_dict(keep_vars=True))
+    if clip is not None:
+        weights.update(clip.cond_stage_model.state_dict(keep_vars=True))
+    return weights
+
+
+def _check_finite(host_weights: dict[str, torch.Tensor],
+                  on_weight: dict[str, list[tuple[AdapterModule, float]]]) -> None:
+    """The write guard (``loaders/guard.py``) for every host weight the stack patches, against the
+    model's own weight and dtype: refuses before any patch is added."""
+    for host_key, contributions in on_weight.items():
+        weight = host_weights[host_key].detach()
+
+        def trial(weight=weight, contributions=contributions) -> torch.Tensor:
+            work = weight.to(torch.float32, copy=True)
+            for module, strength in contributions:
+                module.add_to(work, strength)
+            return work.to(weight.dtype)
+
+        check_patch(contributions, weight.dtype, host_key, trial)

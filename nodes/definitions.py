@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ..loaders.adapter import adapter_cache
 from ..loaders.describe import describe_adapter, describe_coverage, format_coverage, format_description
 from ..loaders.errors import LohakrError
+from ..loaders.safe_json import parse_json
 from .comfy_bridge import StackItem, apply_stack, comfy_layout
 
 CATEGORY = "loaders/lohakr"
@@ -22,12 +23,14 @@ BLOCK_WEIGHTS_TIP = ("Per-block strengths. Empty = all 1. An A1111 lora-block-we
                      "for SDXL, 17 or 26 for SD1.5), a preset (ALL, NONE, INALL, MIDALL, OUTALL, INS, IND, MIDD, "
                      "OUTD, OUTS) or named values such as 'IN04=0.5, OUT=0, TE2=0'.")
 LORA_TIP = "A LoHa/LoKr (or any LyCORIS) .safetensors file from your loras folder."
+BASE_MISMATCH_TIP = ("Apply the adapter even though it says it was trained for another base model (header, key "
+                     "names or shapes), patching only the layers that fit. Off: such a file is refused.")
 
 
 @dataclass
 class Param:
     name: str
-    kind: str  # MODEL, CLIP, LORA_STACK, LORA_FILE, FLOAT, STRING
+    kind: str  # MODEL, CLIP, LORA_STACK, LORA_FILE, FLOAT, STRING, BOOLEAN
     tooltip: str
     optional: bool = False
     default: Any = None
@@ -114,10 +117,7 @@ def parse_rows(rows: str) -> list[StackEntry]:
     "enabled"}, …]`` (what the web editor writes)."""
     if not rows or not rows.strip():
         return []
-    try:
-        data = json.loads(rows)
-    except ValueError as err:
-        raise LohakrError(f"stack rows are not valid JSON ({err})") from None
+    data = parse_json(rows, "the stack node", "rows")
     if not isinstance(data, list):
         raise LohakrError("stack rows must be a JSON list of {name, strength_model, strength_clip, block_weights, enabled}")
     entries = []
@@ -132,15 +132,17 @@ def parse_rows(rows: str) -> list[StackEntry]:
 
 
 # -- node bodies ---------------------------------------------------------------------------------
-def run_loader(model, lora_name, strength_model, block_weights="", clip=None, strength_clip=0.0):
+def run_loader(model, lora_name, strength_model, block_weights="", clip=None, strength_clip=0.0,
+               allow_base_mismatch=False):
     item = StackItem(lora_path(lora_name), strength_model, strength_clip, block_weights or None,
                      name=os.path.splitext(os.path.basename(lora_name))[0])
-    new_model, new_clip, reports = apply_stack(model, clip, [item])
+    new_model, new_clip, reports = apply_stack(model, clip, [item], allow_base_mismatch=bool(allow_base_mismatch))
     return (new_model, new_clip), report_ui(reports)
 
 
-def run_loader_model_only(model, lora_name, strength_model, block_weights=""):
-    (new_model, _), ui = run_loader(model, lora_name, strength_model, block_weights)
+def run_loader_model_only(model, lora_name, strength_model, block_weights="", allow_base_mismatch=False):
+    (new_model, _), ui = run_loader(model, lora_name, strength_model, block_weights,
+                                    allow_base_mismatch=allow_base_mismatch)
     return (new_model,), ui
 
 
@@ -155,8 +157,9 @@ def run_stack(lora_name="None", strength_model=1.0, strength_clip=1.0, block_wei
     return (stack,), {"text": [f"{len(stack)} adapter(s): " + ", ".join(str(e[0]) for e in stack)]}
 
 
-def run_apply_stack(model, lora_stack, clip=None):
-    new_model, new_clip, reports = apply_stack(model, clip, stack_items(lora_stack))
+def run_apply_stack(model, lora_stack, clip=None, allow_base_mismatch=False):
+    new_model, new_clip, reports = apply_stack(model, clip, stack_items(lora_stack),
+                                               allow_base_mismatch=bool(allow_base_mismatch))
     return (new_model, new_clip), report_ui(reports)
 
 
@@ -182,7 +185,8 @@ NODES: list[NodeSpec] = [
          Param("strength_model", "FLOAT", "Strength on the diffusion model (negative inverts).", **STRENGTH),
          Param("strength_clip", "FLOAT", "Strength on the text encoder(s) (negative inverts).", **STRENGTH),
          Param("block_weights", "STRING", BLOCK_WEIGHTS_TIP, default=""),
-         Param("clip", "CLIP", "The text encoder(s) to patch (optional).", optional=True)],
+         Param("clip", "CLIP", "The text encoder(s) to patch (optional).", optional=True),
+         Param("allow_base_mismatch", "BOOLEAN", BASE_MISMATCH_TIP, optional=True, default=False)],
         [("MODEL", "MODEL", "The patched model."), ("CLIP", "CLIP", "The patched text encoder(s).")],
         run_loader,
     ),
@@ -192,7 +196,8 @@ NODES: list[NodeSpec] = [
         [Param("model", "MODEL", "The diffusion model to patch."),
          Param("lora_name", "LORA_FILE", LORA_TIP),
          Param("strength_model", "FLOAT", "Strength on the diffusion model (negative inverts).", **STRENGTH),
-         Param("block_weights", "STRING", BLOCK_WEIGHTS_TIP, default="")],
+         Param("block_weights", "STRING", BLOCK_WEIGHTS_TIP, default=""),
+         Param("allow_base_mismatch", "BOOLEAN", BASE_MISMATCH_TIP, optional=True, default=False)],
         [("MODEL", "MODEL", "The patched model.")],
         run_loader_model_only,
     ),
@@ -215,7 +220,8 @@ NODES: list[NodeSpec] = [
         "Apply a whole LORA_STACK (ours or another pack's) in one clone of MODEL and CLIP.",
         [Param("model", "MODEL", "The diffusion model to patch."),
          Param("lora_stack", "LORA_STACK", "The adapters to apply, in order."),
-         Param("clip", "CLIP", "The text encoder(s) to patch (optional).", optional=True)],
+         Param("clip", "CLIP", "The text encoder(s) to patch (optional).", optional=True),
+         Param("allow_base_mismatch", "BOOLEAN", BASE_MISMATCH_TIP, optional=True, default=False)],
         [("MODEL", "MODEL", "The patched model."), ("CLIP", "CLIP", "The patched text encoder(s).")],
         run_apply_stack, file_inputs=(),
     ),

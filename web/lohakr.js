@@ -136,7 +136,8 @@ function renderReports(node, reports) {
     const strip = el("div", { className: "strip" });
     for (const cell of core.reportStrip(report)) {
       strip.append(el("div", { className: `cell ${cell.state}`, textContent: cell.block.replace(/^(IN|OUT)0?/, "$1"),
-        title: `${cell.block}: ${cell.applied} applied, ${cell.unmatched} unmatched, ${cell.mismatched} mismatched, ${cell.unsupported} unsupported` }));
+        title: `${cell.block}: ${cell.applied} applied, ${cell.unmatched} unmatched, ${cell.mismatched} mismatched, ${cell.unsupported} unsupported` +
+          (cell.duplicate ? `, ${cell.duplicate} duplicate` : "") }));
     }
     element.append(strip);
     const missing = core.notApplied(report);

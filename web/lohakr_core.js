@@ -186,8 +186,8 @@ export function reportStrip(report) {
   return blocks.map((block) => {
     const row = byBlock[block] || {};
     const cell = { block, applied: row.applied || 0, unmatched: row.unmatched || 0,
-      mismatched: row.mismatched || 0, unsupported: row.unsupported || 0 };
-    cell.total = cell.applied + cell.unmatched + cell.mismatched + cell.unsupported;
+      mismatched: row.mismatched || 0, unsupported: row.unsupported || 0, duplicate: row.duplicate || 0 };
+    cell.total = cell.applied + cell.unmatched + cell.mismatched + cell.unsupported + cell.duplicate;
     cell.state = cell.total === 0 ? "empty" : cell.applied === cell.total ? "ok" : cell.applied === 0 ? "none" : "partial";
     return cell;
   });

@@ -105,6 +105,15 @@ test("report strip in layout order with states", () => {
   assert.deepEqual(notApplied(report), ["b [unmatched] no layer"]);
 });
 
+test("report strip counts a layer named twice as not applied", () => {
+  const report = { model_family: "sdxl", blocks: LAYOUTS.sdxl,
+    by_block: { IN04: { applied: 1, unmatched: 0, mismatched: 0, unsupported: 0, duplicate: 1 } } };
+  const [cell] = reportStrip(report);
+  assert.equal(cell.duplicate, 1);
+  assert.equal(cell.total, 2);
+  assert.equal(cell.state, "partial");
+});
+
 test("stack rows parse, format and reorder", () => {
   const rows = parseRows('[{"name":"a.safetensors","strength_model":0.5},{"name":"b","enabled":false,"block_weights":"IN04=0"}]');
   assert.deepEqual(rows[0], { name: "a.safetensors", strength_model: 0.5, strength_clip: 1, block_weights: "", enabled: true });
