@@ -4,6 +4,8 @@ what the diffusers side patches from the same file."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -104,3 +106,15 @@ def test_graph_samples_with_the_adapter_and_matches_diffusers(server):
         err = float((patched[key] - ours).abs().max())
         assert err <= 1e-5 * float(ours.abs().max()), (key, err)
         assert not torch.equal(patched[key], original[key])
+
+
+def test_info_route_refuses_a_model_checkpoint_with_422(server):
+    """A checkpoint in the loras folder: 422 and the message the card shows, not a card of warnings."""
+    from safetensors.torch import save_file
+
+    running, _, loras = server
+    save_file({"model.diffusion_model.out.2.weight": torch.ones(4, 4),
+               "model.diffusion_model.out.2.bias": torch.ones(4)}, str(loras / "a_checkpoint.safetensors"))
+    status, body = running.get_raw("/lohakr/info?name=a_checkpoint.safetensors")
+    assert status == 422
+    assert "this is a model checkpoint, not an adapter" in json.loads(body)["error"]

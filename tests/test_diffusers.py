@@ -365,18 +365,24 @@ def test_batch_failing_at_the_end_removes_its_adapters(lycoris_file, tmp_path, m
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_batch_applies_what_succeeded_before_an_error(lycoris_file, tmp_path):
-    pipe, reference = make_pipe("sdxl", tmp_path), make_pipe("sdxl", tmp_path)
+def test_batch_is_all_or_nothing_when_a_file_inside_fails(lycoris_file, tmp_path):
+    """A batch is a transaction: a bad file inside it undoes the loads and strength changes before
+    it (weights and registry exactly as before the block), and the error names the file."""
+    pipe = make_pipe("sdxl", tmp_path)
+    pipe.load_loha(lycoris_file("sdxl", "loha").path, "kept", strength=0.5)
+    before = snapshot(pipe)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(LohakrError, match="bad.safetensors"):
         with pipe.lycoris_batch():
-            pipe.load_loha(lycoris_file("sdxl", "loha").path, "good")
+            pipe.set_lycoris_strength("kept", 0.9)
+            pipe.load_lokr(lycoris_file("sdxl", "lokr").path, "good")
             pipe.load_loha(bad)
-    reference.load_loha(lycoris_file("sdxl", "loha").path, "good")
-    _, w1 = layer_weights(pipe)
-    _, w2 = layer_weights(reference)
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert [(a["name"], a["strength"]["unet"]) for a in pipe.lycoris_adapters()] == [("kept", 0.5)]
+    assert all(torch.equal(before[k], v) for k, v in snapshot(pipe).items())
+    pipe.unload_lycoris("kept")  # the registry is consistent: unloading gives the originals back
+    fresh = make_pipe("sdxl", tmp_path)
+    assert all(torch.equal(snapshot(fresh)[k], v) for k, v in snapshot(pipe).items())
 
 
 def test_originals_beside_the_weights_are_kept_without_a_copy(lycoris_file, tmp_path):
