@@ -1,4 +1,4 @@
-"""Parse one adapter file (or state dict) into an ``Adapter``: modules grouped and classified (spec §1, §9).
+"""Parse one adapter file (or state dict) into an ``Adapter``: modules grouped and classified (docs/format.md#container).
 
 Reads ``.safetensors`` only (pickles can run code and are refused), groups keys by module name,
 decides the algorithm per module from its suffixes, parses alpha of any dtype or one-element
@@ -79,7 +79,7 @@ _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 def split_key(key: str) -> tuple[str, str]:
     """``module.suffix`` → ``(module, suffix)``.
 
-    kohya/LyCORIS module names have no dot, so the split is at the first dot (spec §1.2). Dotted
+    kohya/LyCORIS module names have no dot, so the split is at the first dot (docs/format.md#key-grammar). Dotted
     diffusers/PEFT names are split before the longest known suffix instead.
     """
     module, dot, suffix = key.partition(".")
@@ -420,6 +420,7 @@ def _build_module(
             )
         if alpha == 0:
             module.notes.append(
+                "alpha is 0: scale 1 as LyCORIS reads it (zero_alpha_means_rank=True)" if zero_alpha_means_rank else
                 "alpha is 0: scale 0 as in ComfyUI/A1111 (pass zero_alpha_means_rank=True for "
                 "LyCORIS' reading, scale 1)"
             )
