@@ -444,7 +444,7 @@ def run_fused(parts, adapter, timer, reps, tag) -> dict:
 
 
 def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
-    """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r, spec D9)."""
+    """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r, docs/format.md#lycoris-double-scale)."""
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
     from lycoris.utils.preset import read_preset
     from safetensors.torch import load_file

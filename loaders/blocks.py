@@ -1,6 +1,6 @@
 """Per-block strengths: A1111 lora-block-weight vectors, named presets and ``NAME=value`` lists.
 
-Blocks (sdxl-names.md §2): SDXL ``TE1 TE2 IN00…IN08 M00 OUT00…OUT08 OTHER``; SD1.5
+Blocks (docs/names-and-blocks.md#blocks): SDXL ``TE1 TE2 IN00…IN08 M00 OUT00…OUT08 OTHER``; SD1.5
 ``TE IN00…IN11 M00 OUT00…OUT11 OTHER``. Accepted forms:
 
 * an A1111 vector: 12 or 20 values for SDXL, 17 or 26 for SD1.5, starting with BASE (the text

@@ -34,7 +34,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """LyCORIS' split of a dimension into (small, large) Kronecker blocks (spec §4)."""
+    """LyCORIS' split of a dimension into (small, large) Kronecker blocks (docs/format.md#factorization)."""
     limit = dimension if factor < 0 else factor
     if factor > 0 and dimension % factor == 0:
         return tuple(sorted((factor, dimension // factor)))  # type: ignore[return-value]

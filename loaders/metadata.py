@@ -1,4 +1,4 @@
-"""Header metadata of an adapter file: decoded training args, tags, modelspec, base model (spec §6.2)."""
+"""Header metadata of an adapter file: decoded training args, tags, modelspec, base model (docs/format.md#metadata)."""
 
 from __future__ import annotations
 

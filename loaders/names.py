@@ -1,4 +1,4 @@
-"""Resolve file module names to live model layers (spec sdxl-names.md §1).
+"""Resolve file module names to live model layers (docs/names-and-blocks.md#naming-styles).
 
 A ``ModelLayout`` is built from the live module tree of diffusers components (UNet, CLIP text
 encoders), never by rewriting ``_`` to ``.``: every Linear/Conv layer registers each name it can
@@ -252,7 +252,7 @@ class SgmNames:
     """diffusers UNet paths ↔ SGM/LDM paths (``input_blocks.N.i…``), from the UNet's structure.
 
     Counting resnets, attentions and samplers per level gives the index formulas of
-    sdxl-names.md §1.4 for any depth (SD1.5, SDXL, the refiner)."""
+    docs/names-and-blocks.md#index-formulas for any depth (SD1.5, SDXL, the refiner)."""
 
     def __init__(self, structure: "UnetStructure | nn.Module"):
         if not isinstance(structure, UnetStructure):

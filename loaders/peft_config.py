@@ -1,9 +1,9 @@
-"""PEFT's LoHa/LoKr files: alpha and rank live in ``adapter_config.json``, not in the weights (spec §3.6).
+"""PEFT's LoHa/LoKr files: alpha and rank live in ``adapter_config.json``, not in the weights (docs/format.md#peft-alpha-and-r).
 
 PEFT saves ``adapter_model.safetensors`` with keys ``base_model.model.<path>.hada_w1_a`` and puts
 ``r``, ``alpha`` and the per-module ``rank_pattern`` / ``alpha_pattern`` in the JSON beside it. It
 scales every module by ``alpha / r`` with that ``r``, LoKr with both factors full included
-(spec D1, where every other tool uses 1). Without the config the scale is unknown; the loader
+(docs/format.md#peft-alpha-and-r, where every other tool uses 1). Without the config the scale is unknown; the loader
 then says so instead of guessing.
 """
 

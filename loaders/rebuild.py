@@ -1,4 +1,4 @@
-"""Pure math: rebuild the unscaled update R of each algorithm from its factors (spec §3).
+"""Pure math: rebuild the unscaled update R of each algorithm from its factors (docs/format.md#factor-shapes).
 
 Every function takes float32 tensors already on the compute device and returns a new tensor.
 Nothing here knows about files, names, alpha or strength: the scale is applied by the caller
@@ -138,7 +138,7 @@ def kron(w1: Tensor, w2: Tensor) -> Tensor:
     """Kronecker product with w1 as the outer (block) factor.
 
     w1 gets *trailing* singleton axes up to w2's rank first: ``torch.kron`` would pad the
-    smaller operand with leading ones and give ``(b, d, a·kh, c·kw)`` for a 4-D w2 (TV-KRON-PAD).
+    smaller operand with leading ones and give ``(b, d, a·kh, c·kw)`` for a 4-D w2 (docs/format.md#tv-kron-pad).
     """
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
@@ -267,7 +267,7 @@ def lora_product(up: Tensor, down: Tensor, mid: Tensor | None = None, start: int
 
 
 def dora_axis(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...], prefer_output: bool) -> str:
-    """Which axis a ``dora_scale`` of this shape normalises: ``"out"`` or ``"in"`` (spec §5.4).
+    """Which axis a ``dora_scale`` of this shape normalises: ``"out"`` or ``"in"`` (docs/format.md#dora-axis).
 
     ``(O, 1, …)`` and 1-D ``[O]`` mean the output axis, ``(1, I, …)`` the input axis. When both
     readings fit (O == 1 or I == 1) ``prefer_output`` decides. Returns ``""`` if neither fits.

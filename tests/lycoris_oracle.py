@@ -2,7 +2,7 @@
 files, and compute LyCORIS' own reference weights.
 
 Reference semantics are the module ``forward`` (``get_weight`` applies alpha/rank once); never
-``get_diff_weight``/``get_merged_weight``/``merge_to``, which apply it twice (spec D9).
+``get_diff_weight``/``get_merged_weight``/``merge_to``, which apply it twice (docs/format.md#lycoris-double-scale).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def test_parity_kohya_names(lycoris_file, family, variant):
 
 
 def test_variants_cover_every_layout(lycoris_file):
-    """The grid really contains every variant of spec §2 (guards the fixtures themselves)."""
+    """The grid really contains every variant of docs/format.md#factor-shapes (guards the fixtures themselves)."""
     seen = set()
     for variant in VARIANTS:
         adapter = load_adapter(lycoris_file("sdxl", variant).path)

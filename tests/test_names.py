@@ -45,7 +45,7 @@ def test_tv_sdxl_names(sdxl):
     ("time_embed_0", "time_embedding.linear_1"),
 ])
 def test_sdxl_sgm_examples(sdxl, sgm, diffusers):
-    """sdxl-names.md §1.4 examples, checked there against diffusers' own converter."""
+    """docs/names-and-blocks.md#sdxl-unet-table examples, checked against diffusers' own converter."""
     by_sgm = sdxl.resolve("lora_unet_" + sgm)
     assert by_sgm is not None and by_sgm.path == diffusers
     for alias in ("lora_unet_" + diffusers.replace(".", "_"), "lycoris_" + diffusers.replace(".", "_"),

@@ -39,7 +39,7 @@ CASES = {
     "loha with patterns": ("loha", dict(r=4, alpha=8, rank_pattern={"attn1.to_q": 2}, alpha_pattern={"to_k": 3})),
     "loha tucker convs": ("loha", dict(r=4, alpha=2, use_effective_conv2d=True)),
     "lokr low-rank w2": ("lokr", dict(r=4, alpha=8)),
-    "lokr all factors full": ("lokr", dict(r=64, alpha=8)),  # PEFT scales α/r here too (spec D1)
+    "lokr all factors full": ("lokr", dict(r=64, alpha=8)),  # PEFT scales α/r here too (docs/format.md#peft-alpha-and-r)
 }
 
 

@@ -1,4 +1,4 @@
-"""Spec §8 test vectors, exact, including the traps (Tucker orientation, kron padding, fp16 overflow,
+"""Test vectors of docs/format.md#test-vectors, exact, including the traps (Tucker orientation, kron padding, fp16 overflow,
 full+full alpha inf, DoRA axes)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from lohakr.loaders import rebuild
 
 
 def pat(shape, seed, dtype=torch.float32):
-    """Spec §8 generator: value i = (((7·i + seed) mod 11) − 5) / 4, row-major."""
+    """docs/format.md#pattern-generator: value i = (((7·i + seed) mod 11) − 5) / 4, row-major."""
     n = 1
     for d in shape:
         n *= d
@@ -304,7 +304,7 @@ def test_tv_ovf_fp16_overflow_is_avoided():
 
 
 def test_double_scale_reference_is_not_ours():
-    """LyCORIS' merge bakes s²·R (D9): 0.5×TV1 for alpha 1, rank 2. We give TV1."""
+    """LyCORIS' merge bakes s²·R (docs/format.md#lycoris-double-scale): 0.5×TV1 for alpha 1, rank 2. We give TV1."""
     d = module_of({**TV1, "alpha": t(1.0)}).delta((4, 6))
     assert torch.equal(d, TV1_EXPECTED) and not torch.equal(d, 0.5 * TV1_EXPECTED)
 
