@@ -12,7 +12,8 @@ import statistics
 import sys
 import time
 
-comfy_dir, dtype_name, reps, warmup, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+comfy_dir, dtype_name = sys.argv[1], sys.argv[2]
+reps, warmup, files = int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
 sys.path.insert(0, comfy_dir)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -30,7 +31,8 @@ dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[d
 UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
         "num_classes": "sequential", "adm_in_channels": 2816, "dtype": dtype, "in_channels": 4, "model_channels": 320,
         "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-        "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+        "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+        "num_head_channels": 64,
         "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
         "use_temporal_resblock": False}
 
@@ -43,7 +45,8 @@ def build():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.empty(p.shape).normal_(0, 0.02, generator=g))
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def _status_bytes(field):

@@ -23,11 +23,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 try:
     import resource  # kernel CPU time and page faults (Unix)
@@ -254,8 +253,9 @@ def _write_lycoris_file(path: Path, config: dict) -> None:
     """lycoris-lora's network on the full SDXL, built on the meta device (the file needs only the
     shapes: it is the same, tensor for tensor, as one made on materialised models), seeded random
     factors, saved in fp16 with kohya names."""
-    from lohakr.loaders.reference_models import build_components
     from lycoris.kohya import create_network
+
+    from lohakr.loaders.reference_models import build_components
 
     parts = build_components("sdxl", "meta")
     for part in parts.values():
@@ -391,7 +391,7 @@ def run_lohakr(parts, path, timer, reps, keep_originals_on="auto", tag=""):
         """A plain copy of every kept original into its live weight: the memory traffic a strength
         change cannot avoid, timed in the same cycle (a VM's bandwidth drifts 2-3x in minutes)."""
         with torch.no_grad():
-            for kept in pipe.__dict__["_lohakr_patcher"]._originals.values():
+            for kept in pipe.__dict__["_lohakr_patcher"].originals.values():
                 kept.target.layer.weight.copy_(kept.weight)
 
     gemm_rates: list[float] = []
@@ -437,14 +437,15 @@ def run_fused(parts, adapter, timer, reps, tag) -> dict:
                          ("fused_gemm", gemm_recorder(gemm_rates, timer.device)),
                          ("fused", lambda: pipe.load_lycoris(adapter, "fused"))], reps=reps, tag=tag)
     restore()
-    del snapshot
+    snapshot.clear()
     gc.collect()
     return {"fused_load_s": cycle["fused"][0], "fused_peak_extra_bytes": cycle["fused"][1],
             "fused_restore_copy_s": cycle["fused_restore"][0], "fused_cycle_gemm_flops": gemm_rates[-reps:]}
 
 
 def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
-    """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r, docs/format.md#lycoris-double-scale)."""
+    """LyCORIS' own path: create_network_from_weights + merge_to (bakes s² for α ≠ r,
+    docs/format.md#lycoris-double-scale)."""
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
     from lycoris.utils.preset import read_preset
     from safetensors.torch import load_file
@@ -474,7 +475,7 @@ def run_lycoris(parts, path, timer, reps, device, dtype, warmup=1):
     except Exception as err:  # noqa: BLE001 - a peer failing on its own files is a result to report
         result = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
     restore()
-    del snapshot
+    snapshot.clear()
     gc.collect()
     return result
 
@@ -513,7 +514,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated subset of " + ", ".join(ADAPTERS))
+    parser.add_argument("--adapters", default=",".join(ADAPTERS),
+                        help="comma-separated subset of " + ", ".join(ADAPTERS))
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each timed measurement")
     parser.add_argument("--peer-reps", type=int, default=1, help="repetitions for the (slow) LyCORIS peer")
     parser.add_argument("--peer-warmup", type=int, default=1, help="untimed LyCORIS runs first (0 saves minutes)")
@@ -523,7 +525,8 @@ def main(argv=None) -> int:
                         help="build only the UNet or only the text encoders (each at full size; the files keep "
                              "their modules): for a dtype whose whole model twice does not fit in memory")
     parser.add_argument("--json", help="write all figures to this file")
-    parser.add_argument("--report", metavar="JSON", help="print the figures of a run saved with --json, measure nothing")
+    parser.add_argument("--report", metavar="JSON",
+                        help="print the figures of a run saved with --json, measure nothing")
     args = parser.parse_args(argv)
     if args.report:
         summarize(json.loads(Path(args.report).read_text()))
@@ -537,7 +540,8 @@ def main(argv=None) -> int:
         if available and available < needed:
             smaller = "--dtype fp16, --parts unet or --parts text_encoders" if args.parts == "all" else "--dtype fp16"
             print(f"not enough memory for a full-size {args.dtype} run of {args.parts}: the models take "
-                  f"{model / 2**30:.1f} GiB and a reversible load keeps every original beside its patched copy, so the "
+                  f"{model / 2**30:.1f} GiB and a reversible load keeps every original beside its patched copy, "
+                  "so the "
                   f"run needs about {needed / 2**30:.1f} GiB; {available / 2**30:.1f} GiB is available. Use {smaller} "
                   "or a machine with more memory.", file=sys.stderr)
             return 2
@@ -551,14 +555,15 @@ def main(argv=None) -> int:
     if device == "cpu":
         native.usable(torch.empty(1, dtype=dtype))  # build and check now, not inside a timed load
         if native.loha_usable(torch.empty(1, dtype=dtype)):
-            native.loha_fused_rank_limit(dtype)  # and the fused LoHa kernel's ranks
+            native.loha_fused_rank_ok(dtype, 32)  # and the fused LoHa kernel at the files' rank
     report["machine"]["native_kernels"] = native.status()
     print(native.status())
     peaks = machine_peaks(device)
     report["roofline"] = peaks
     print(f"machine: {device}, {torch.get_num_threads()} threads; GEMM {peaks['gemm_flops'] / 1e9:.1f} GFLOP/s (fp32; "
           f"square {peaks['square_gemm_flops'] / 1e9:.0f}, rank-32 batched {peaks['rank32_gemm_flops'] / 1e9:.0f}), "
-          f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s, writing fresh memory {peaks['first_touch_bandwidth'] / 1e9:.1f} GB/s")
+          f"copy bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s, "
+          f"writing fresh memory {peaks['first_touch_bandwidth'] / 1e9:.1f} GB/s")
     names = [n for n in args.adapters.split(",") if n]
     paths = {name: make_adapter_file(name, ADAPTERS[name], components) for name in names}
     # The ComfyUI peer runs first, in its own process, while this one holds no model yet.
@@ -620,22 +625,25 @@ def summarize(report: dict) -> None:
         print(f"\n{name}: {entry['modules']} modules, {entry['file_mb']:.0f} MB; lower bound {bound:.2f} s "
               f"({entry['flops'] / 1e9:.0f} GFLOP, {entry['bytes_min'] / 2**30:.2f} GiB moved; machine just before: "
               f"GEMM {now['gemm_flops'] / 1e9:.0f} GFLOP/s, copy {now['bandwidth'] / 1e9:.1f} GB/s, fresh memory "
-              f"{now['first_touch_bandwidth'] / 1e9:.1f} GB/s); {entry['reversible_lower_bound_s']:.2f} s if every patched "
+              f"{now['first_touch_bandwidth'] / 1e9:.1f} GB/s); {entry['reversible_lower_bound_s']:.2f} s "
+              "if every patched "
               f"weight went to memory never touched before (a load that reuses freed memory does not)")
         load_runs = ours["runs"]["load"]
         print(f"  lohakr   parse {fmt_s(ours['parse_s'])}  load+patch {fmt_s(ours['load_patch_s'])} "
               f"[{min(load_runs):.2f}..{max(load_runs):.2f}] ({ours['load_patch_s'] / bound:.2f}× bound, best run "
-              f"{min(load_runs) / bound:.2f}×)  strength {fmt_s(ours['strength_s'])}  unload {fmt_s(ours['unload_s'])}")
-        cycles = [s / l for s, l in zip(ours["runs"]["strength"], load_runs)]
+              f"{min(load_runs) / bound:.2f}×)  strength {fmt_s(ours['strength_s'])}  "
+              f"unload {fmt_s(ours['unload_s'])}")
+        cycles = [s / load for s, load in zip(ours["runs"]["strength"], load_runs, strict=False)]
         faults = ours["kernel"]["load"]
         print(f"           per load-strength-unload cycle: strength / load {statistics.median(cycles):.2f} "
-              f"[{min(cycles):.2f}..{max(cycles):.2f}]; a load's kernel CPU time {statistics.median(k for k, _ in faults):.2f} s "
+              f"[{min(cycles):.2f}..{max(cycles):.2f}]; "
+              f"a load's kernel CPU time {statistics.median(k for k, _ in faults):.2f} s "
               f"({statistics.median(n for _, n in faults) / 1e6:.2f} M page faults; a strength change's "
               f"{statistics.median(k for k, _ in ours['kernel']['strength']):.2f} s)")
         # Each load's own bound adds the pages it did fault in (at most the new storage).
         fault_s = [min(n * mmap.PAGESIZE, new_storage) * fault_cost for _, n in faults]
         ours["load_bounds_s"] = [bound + f for f in fault_s]
-        own = [t / b for t, b in zip(load_runs, ours["load_bounds_s"])]
+        own = [t / b for t, b in zip(load_runs, ours["load_bounds_s"], strict=False)]
         print(f"           each load against its own bound (the bound plus the extra cost of the pages it faulted "
               f"in, at the fresh-memory rate): {statistics.median(own):.2f}× [{min(own):.2f}..{max(own):.2f}]")
         # The roofline measured in each cycle, seconds from the steps it bounds: the GEMM rate
@@ -649,16 +657,20 @@ def summarize(report: dict) -> None:
                 ("load", "copy", ours["cycle_gemm_flops"], fault_s),
                 ("strength", "copy", ours["cycle_gemm_flops"], no_faults),
                 ("fused", "fused_restore", ours.get("fused_cycle_gemm_flops", []), no_faults)):
-            bounds = [max(entry["flops"] / rate, copy) + e for rate, copy, e in zip(rates, runs.get(copy_step, []), extra)]
-            in_cycle[step] = [t / b for t, b in zip(runs.get(step, []), bounds)]
+            copies = runs.get(copy_step, [])
+            bounds = [max(entry["flops"] / rate, copy) + e
+                      for rate, copy, e in zip(rates, copies, extra, strict=False)]
+            in_cycle[step] = [t / b for t, b in zip(runs.get(step, []), bounds, strict=False)]
         ours["in_cycle_bound_ratios"] = in_cycle
         print("           against the roofline measured in the same cycle (its GEMM rate, median "
-              f"{statistics.median(ours['cycle_gemm_flops']) / 1e9:.0f} GFLOP/s, and a plain copy of the same weights, "
+              f"{statistics.median(ours['cycle_gemm_flops']) / 1e9:.0f} GFLOP/s, "
+              "and a plain copy of the same weights, "
               f"median {ours['same_bytes_copy_s']:.2f} s; loads: plus their page faults): "
               + ", ".join(f"{step} {statistics.median(r):.2f}× [{min(r):.2f}..{max(r):.2f}]"
                           for step, r in in_cycle.items() if r))
         working = ours["peak_extra_bytes"] - ours["kept_originals_bytes"]
-        print(f"           peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB = originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB "
+        print(f"           peak +{ours['peak_extra_bytes'] / 2**30:.2f} GiB = "
+              f"originals {ours['kept_originals_bytes'] / 2**30:.2f} GiB "
               f"{'+' if working >= 0 else '-'} {abs(working) / 2**20:.0f} MiB (largest layer's float32 ΔW: "
               f"{entry['largest_layer_delta_bytes'] / 2**20:.0f} MiB)")
         print(f"  lohakr, fuse=True (nothing kept): load+patch {fmt_s(ours['fused_load_s'])} "
@@ -683,15 +695,18 @@ def summarize(report: dict) -> None:
             print(f"  LyCORIS  {peer.get('error')}")
         comfy = report.get("comfyui", {}).get("adapters", {}).get(name)
         if comfy:
-            print(f"  ComfyUI  patch_model: native LoraLoader {fmt_s(comfy.get('native_s', comfy.get('native_error')))}, "
+            native = fmt_s(comfy.get("native_s", comfy.get("native_error")))
+            print(f"  ComfyUI  patch_model: native LoraLoader {native}, "
                   f"lohakr nodes {fmt_s(comfy.get('lohakr_s'))}")
             if "native_peak_bytes" in comfy and "lohakr_peak_bytes" in comfy:
-                print(f"           peak memory during patch_model: native +{comfy['native_peak_bytes'] / 2**30:.2f} GiB, "
+                print("           peak memory during patch_model: "
+                      f"native +{comfy['native_peak_bytes'] / 2**30:.2f} GiB, "
                       f"lohakr nodes +{comfy['lohakr_peak_bytes'] / 2**30:.2f} GiB (default allocator)")
             live = report["comfyui"].get("live_memory", {}).get(name, {})
             if "native_peak_bytes" in live and "lohakr_peak_bytes" in live:
                 print(f"           memory held while patching (1 MiB mmap threshold): native "
-                      f"+{live['native_peak_bytes'] / 2**20:.0f} MiB, lohakr nodes +{live['lohakr_peak_bytes'] / 2**20:.0f} MiB"
+                      f"+{live['native_peak_bytes'] / 2**20:.0f} MiB, "
+                      f"lohakr nodes +{live['lohakr_peak_bytes'] / 2**20:.0f} MiB"
                       f" (largest layer's float32 ΔW {entry['largest_layer_delta_bytes'] / 2**20:.0f} MiB)")
 
 
@@ -705,14 +720,15 @@ def scaling(parts, timer, device, components: tuple[str, ...] = PARTS["all"]) ->
         path = make_adapter_file(f"loha_r{rank}", dict(algo="loha", network_dim=rank, network_alpha=rank / 2,
                                                        conv_dim=0, conv_alpha=0), components)
         adapter = lohakr.load_adapter(path)
-        t, _ = timer(lambda: pipe.load_lycoris(adapter, "r"), setup=lambda: pipe.unload_lycoris(), reps=1)
+        t, _ = timer(lambda adapter=adapter: pipe.load_lycoris(adapter, "r"), setup=lambda: pipe.unload_lycoris(),
+                     reps=1)
         pipe.unload_lycoris()
         out["rank"][rank] = t
         print(f"  scaling: LoHa rank {rank:3d}: load+patch {t:6.2f} s")
     adapter = lohakr.load_adapter(make_adapter_file("loha_r16", dict(algo="loha", network_dim=16, network_alpha=8,
                                                                       conv_dim=0, conv_alpha=0), components))
     for count in (1, 2, 4, 8):
-        def one_by_one():
+        def one_by_one(count=count):
             for i in range(count):
                 pipe.load_lycoris(adapter, f"s{i}", strength=1 / count)
 

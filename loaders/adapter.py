@@ -1,4 +1,5 @@
-"""Parse one adapter file (or state dict) into an ``Adapter``: modules grouped and classified (docs/format.md#container).
+"""Parse one adapter file (or state dict) into an ``Adapter``: modules grouped and classified
+(docs/format.md#container).
 
 Reads ``.safetensors`` only (pickles can run code and are refused), groups keys by module name,
 decides the algorithm per module from its suffixes, parses alpha of any dtype or one-element
@@ -11,9 +12,9 @@ import math
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from .metadata import (
     base_model_from_names,
     base_model_from_widths,
 )
-from .modules import MODULE_CLASSES, AdapterModule
+from .updates import UPDATE_CLASSES, LayerUpdate
 
 # Suffixes of the algorithms we apply, per kind.
 ALGORITHM_SUFFIXES: dict[str, frozenset[str]] = {
@@ -111,7 +112,7 @@ class Adapter:
     """One parsed adapter file: its modules (factors only), metadata, and what was skipped."""
 
     source: str
-    modules: dict[str, AdapterModule]
+    modules: dict[str, LayerUpdate]
     metadata: AdapterMetadata
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -281,7 +282,7 @@ def load_adapter(
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _check_scale(module: AdapterModule, context: str) -> None:
+def _check_scale(module: LayerUpdate, context: str) -> None:
     """The scale multiplies float32 products: one beyond float32's range turns ΔW into inf."""
     scale = module.scale
     if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
@@ -343,7 +344,7 @@ def _build_module(
     adapter: Adapter,
     wd_hint: bool | None,
     zero_alpha_means_rank: bool,
-) -> AdapterModule | None:
+) -> LayerUpdate | None:
     context = where(source, name)
     kinds = [kind for kind, suffixes in ALGORITHM_SUFFIXES.items() if suffixes & group.keys()]
     if not kinds:
@@ -401,7 +402,7 @@ def _build_module(
                 "the file is corrupt (often a diverged training run). Nothing was patched"
             )
 
-    module = MODULE_CLASSES[kind](
+    module = UPDATE_CLASSES[kind](
         name=name,
         factors=factors,
         alpha=alpha,
@@ -445,7 +446,7 @@ def _detect_base_model(adapter: Adapter) -> tuple[str, str]:
     return hint or ("unknown", "no metadata, and key names and shapes do not tell")
 
 
-def _cross_attention_widths(modules: Iterable[AdapterModule]) -> Iterable[tuple[str, int]]:
+def _cross_attention_widths(modules: Iterable[LayerUpdate]) -> Iterable[tuple[str, int]]:
     for module in modules:
         if "attn2" in module.name and module.name.rstrip("_").endswith(("to_k", "to_v")):
             yield module.name, module.in_features

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 from .errors import BlockWeightsError
 
@@ -210,7 +210,7 @@ def _vector(values: list[float], blocks: list[str], family: str, text: str) -> B
     te = [b for b in blocks if b.startswith("TE")]
     weights = {b: 0.0 for b in blocks if b != "OTHER"}
     listed: set[str] = set()
-    for name, value in zip(names, values):
+    for name, value in zip(names, values, strict=True):
         targets = te if name == "BASE" else [name]
         for block in targets:
             if block in weights:
@@ -222,7 +222,7 @@ def _vector(values: list[float], blocks: list[str], family: str, text: str) -> B
 
 def zeroed_by_omission(weights: BlockWeights, touched_blocks: Iterable[str]) -> str | None:
     """A warning naming the blocks this file touches that a short vector silently zeroes."""
-    hit = sorted(set(touched_blocks) & weights.omitted, key=lambda b: (b[:2], b))
+    hit = sorted(set(touched_blocks) & weights.omitted, key=lambda block: (block[:2], block))
     if not hit:
         return None
     return (

@@ -9,6 +9,7 @@ seeded random weights, and two adapters made on the spot for its layers (kohya n
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -111,9 +112,9 @@ def _build_pipeline(args: argparse.Namespace, workdir: Path, device: str):
 
 def run_demo(args: argparse.Namespace) -> int:
     from PIL import Image, ImageDraw
+    from safetensors.torch import save_file
 
     from .diffusers_pipeline import enable, pipeline_layout
-    from safetensors.torch import save_file
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
@@ -134,7 +135,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 path = workdir / f"demo_{kind}.safetensors"
                 save_file(make_demo_adapter(layout, kind, seed=1 if kind == "loha" else 2), str(path),
                           {"ss_network_module": "lycoris.kohya", "ss_base_model_version": "sdxl_base_v1-0",
-                           "ss_network_args": '{"algo": "%s"}' % kind})
+                           "ss_network_args": json.dumps({"algo": kind})})
                 adapters.append((str(path), f"load_{kind}"))
         print(f"pipeline: {'tiny SDXL (built from config)' if tiny else args.pipeline} on {device}, "
               f"{steps} steps, {size}×{size}")
@@ -162,7 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 diffs = [float(np.abs(np.asarray(im, dtype=np.float32) - np.asarray(base, dtype=np.float32)).mean())
                          for im in images]
                 print("  mean |pixel change| vs strength 0: "
-                      + ", ".join(f"{s:g}: {d:.1f}" for s, d in zip(strengths, diffs)))
+                      + ", ".join(f"{s:g}: {d:.1f}" for s, d in zip(strengths, diffs, strict=True)))
             rows.append((name, images))
         grid = _grid(rows, strengths, Image, ImageDraw)
         out = Path(args.out)
@@ -171,15 +172,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid(rows: list[tuple[str, list[Any]]], strengths: list[float], Image, ImageDraw):
+def _grid(rows: list[tuple[str, list[Any]]], strengths: list[float], image_module, draw_module):
     cell = max(128, rows[0][1][0].width if rows and rows[0][1] else 128)
     label_w, label_h = 150, 20
-    grid = Image.new("RGB", (label_w + cell * len(strengths), label_h + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
+    grid = image_module.new("RGB", (label_w + cell * len(strengths), label_h + cell * len(rows)), "white")
+    draw = draw_module.Draw(grid)
     for j, strength in enumerate(strengths):
         draw.text((label_w + j * cell + 4, 4), f"strength {strength:g}", fill="black")
     for i, (name, images) in enumerate(rows):
         draw.text((4, label_h + i * cell + cell // 2), name[:22], fill="black")
         for j, image in enumerate(images):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_w + j * cell, label_h + i * cell))
+            grid.paste(image.resize((cell, cell), image_module.NEAREST), (label_w + j * cell, label_h + i * cell))
     return grid

@@ -8,10 +8,10 @@ from typing import Any
 
 from .adapter import KIND_NAMES, Adapter
 from .errors import LohakrError
-from .modules import LokrModule
-from .names import ModelLayout
 from .metadata import BASE_MODEL_NAMES
+from .names import ModelLayout
 from .resolve import article, resolve
+from .updates import LokrUpdate
 
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
                  "ss_sd_model_name", "ss_num_train_images", "ss_num_epochs", "ss_learning_rate",
@@ -35,7 +35,7 @@ def _order(value: Any) -> tuple:
 def describe_adapter(adapter: Adapter, *, top_tags: int = 10) -> dict[str, Any]:
     """A JSON-able summary: algorithms, ranks, alphas, scales, factors, flags, base model, tags."""
     modules = list(adapter.modules.values())
-    lokr = [m for m in modules if isinstance(m, LokrModule)]
+    lokr = [m for m in modules if isinstance(m, LokrUpdate)]
     info = adapter.metadata
     dora_axes = Counter(
         ("output" if m.dora_scale.shape[0] != 1 or m.dora_scale.dim() == 1 else "input")

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import types
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from .adapter import KIND_NAMES, Adapter, load_adapter
 from .blocks import BlockWeights, parse_block_weights

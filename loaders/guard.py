@@ -3,7 +3,7 @@
 Before any weight changes, every (weight, contributions) pair of a load, strength change or
 unload is checked:
 
-1. Cheaply, from the factors alone (``AdapterModule.update_bound``): when
+1. Cheaply, from the factors alone (``LayerUpdate.update_bound``): when
    ``Σ |strength · scale| · bound`` stays below half the weight dtype's largest value, the patched
    weight is finite for any model weight within the other half (every trained model's are). This
    costs no pass over the weight, and every real adapter passes it.
@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .apply import Contribution, Workspace, patch
 from .errors import LohakrError, NonFiniteUpdateError, where
-from .modules import FLOAT32_SAFE, AdapterModule
-
-Contribution = tuple[AdapterModule, float]  # a module and the strength it applies at
+from .updates import FLOAT32_SAFE
 
 
 def check_strength(value: object, what: str = "strength") -> float:
@@ -88,8 +87,8 @@ def _diagnose(contributions: Sequence[Contribution], dtype: torch.dtype, layer: 
         elif not abs(strength * module.scale) <= FLOAT32_SAFE:
             cause = f"the strength {strength:g} times the scale {module.scale:g} is beyond float32's range"
         elif not math.isfinite(module.update_bound()):
-            cause = ("factor overflow: its factors (largest |value| "
-                     f"{max(float(t.abs().amax()) for t in module.factors.values()):g}) multiply beyond float32's range")
+            largest = max(float(t.abs().amax()) for t in module.factors.values())
+            cause = f"factor overflow: its factors (largest |value| {largest:g}) multiply beyond float32's range"
         else:
             continue
         return f"{context}patching {layer} would write NaN/inf: {cause}. Nothing was written"
@@ -98,3 +97,17 @@ def _diagnose(contributions: Sequence[Contribution], dtype: torch.dtype, layer: 
     return (f"{modules}: patching {layer} at strength {strengths} would write NaN/inf: the patched values leave "
             f"{str(dtype).replace('torch.', '')}'s range (±{limit:g}) or DoRA's norm degenerates. Lower the "
             "strength, or check the file. Nothing was written")
+
+
+def check_layer(layer: str, original: Tensor, live: Tensor, contributions: Sequence[Contribution],
+                workspace: Workspace | None = None) -> None:
+    """``check_patch`` for one live weight: ``original`` patched by ``contributions`` must be finite
+    in ``live``'s dtype. The trial, when one is needed, is built into a scratch tensor on ``live``'s
+    device, never into the weight."""
+    def trial() -> Tensor:
+        out = torch.empty(live.shape, dtype=live.dtype, device=live.device)
+        source = original if original.device == live.device else original.to(live.device)
+        patch(out, source.contiguous(), contributions, workspace)
+        return out
+
+    check_patch(contributions, live.dtype, layer, trial)

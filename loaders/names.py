@@ -10,8 +10,8 @@ appear under in a file: kohya diffusers-style (``lora_unet_down_blocks_…``), k
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
 
 from torch import nn
 
@@ -84,7 +84,7 @@ class ModelLayout:
         unet: nn.Module | None = None,
         text_encoder: nn.Module | None = None,
         text_encoder_2: nn.Module | None = None,
-    ) -> "ModelLayout":
+    ) -> ModelLayout:
         """Build the layout of an SD1.x/SD2.x/SDXL diffusers model from its live components."""
         family = detect_family(unet, text_encoder_2)
         layout = cls(family=family, targets={})
@@ -117,7 +117,7 @@ class ModelLayout:
         family: str,
         unet: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
         text_encoders: Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]] | None = None,
-    ) -> "ModelLayout":
+    ) -> ModelLayout:
         """Build a layout from weight shapes keyed by SGM UNet paths and HF CLIP paths, as hosts
         with an LDM-style UNet (ComfyUI) have them: ``{path: (weight shape, host key)}``.
         ``text_encoders`` maps ``text_encoder`` / ``text_encoder_2`` to their layers."""
@@ -192,7 +192,7 @@ class UnetStructure:
     up: list[tuple[int, int, bool]]  # per level: (resnets, attentions, has upsampler)
 
     @classmethod
-    def from_diffusers(cls, unet: nn.Module) -> "UnetStructure":
+    def from_diffusers(cls, unet: nn.Module) -> UnetStructure:
         def level(block: nn.Module, sampler: str) -> tuple[int, int, bool]:
             return (len(block.resnets), len(getattr(block, "attentions", None) or []),
                     bool(getattr(block, sampler, None)))
@@ -205,7 +205,7 @@ class UnetStructure:
         )
 
     @classmethod
-    def from_sgm_paths(cls, paths: Iterable[str]) -> "UnetStructure":
+    def from_sgm_paths(cls, paths: Iterable[str]) -> UnetStructure:
         """Read the structure off SGM module paths (``input_blocks.4.1.proj_in``…), as ComfyUI has them."""
         slots: dict[tuple[str, int], dict[str, set[str]]] = {}
         middle: set[int] = set()
@@ -234,7 +234,7 @@ class UnetStructure:
             down.append((resnets, attentions, False))
         up: list[tuple[int, int, bool]] = []
         resnets = attentions = 0
-        for (side, n), content in sorted(slots.items()):
+        for (side, _), content in sorted(slots.items()):
             if side != "output_blocks":
                 continue
             resnets += 1
@@ -254,7 +254,7 @@ class SgmNames:
     Counting resnets, attentions and samplers per level gives the index formulas of
     docs/names-and-blocks.md#index-formulas for any depth (SD1.5, SDXL, the refiner)."""
 
-    def __init__(self, structure: "UnetStructure | nn.Module"):
+    def __init__(self, structure: UnetStructure | nn.Module):
         if not isinstance(structure, UnetStructure):
             structure = UnetStructure.from_diffusers(structure)
         self.prefixes: dict[str, str] = dict(TOP_LEVEL_TO_SGM)
@@ -319,13 +319,13 @@ def block_of_sgm(sgm_path: str | None) -> str:
         return "OTHER"
     if sgm_path.startswith("middle_block."):
         return "M00"
-    m = _SGM_BLOCK.match(sgm_path)
-    if m:
-        return ("IN" if m.group(1) == "input_blocks" else "OUT") + f"{int(m.group(2)):02d}"
+    match = _SGM_BLOCK.match(sgm_path)
+    if match:
+        return ("IN" if match.group(1) == "input_blocks" else "OUT") + f"{int(match.group(2)):02d}"
     return "OTHER"
 
 
-def _ordered_blocks(present: set[str], sgm: "SgmNames | None") -> list[str]:
+def _ordered_blocks(present: set[str], sgm: SgmNames | None) -> list[str]:
     def order(block: str) -> tuple[int, int]:
         if block.startswith("TE"):
             return (0, int(block[2:] or 0))
@@ -350,7 +350,7 @@ def detect_family(unet: nn.Module | None, text_encoder_2: nn.Module | None) -> s
     """sdxl / sd1 / sd2 from the UNet config (``text_time`` embedding, cross-attention width)."""
     config = getattr(unet, "config", None)
     if config is not None:
-        get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+        get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
         if get("addition_embed_type", None) == "text_time":
             return "sdxl"
         width = get("cross_attention_dim", None)
@@ -364,25 +364,25 @@ def detect_family(unet: nn.Module | None, text_encoder_2: nn.Module | None) -> s
 
 
 _GUESS = [
-    (re.compile(r"(?:^|_)te1_|^text_encoder\."), lambda m: "TE1"),
-    (re.compile(r"(?:^|_)te2_|^text_encoder_2\."), lambda m: "TE2"),
-    (re.compile(r"(?:^|_)te_"), lambda m: "TE"),
-    (re.compile(r"input_blocks[._](\d+)"), lambda m: f"IN{int(m.group(1)):02d}"),
-    (re.compile(r"output_blocks[._](\d+)"), lambda m: f"OUT{int(m.group(1)):02d}"),
-    (re.compile(r"middle_block|mid_block"), lambda m: "M00"),
+    (re.compile(r"(?:^|_)te1_|^text_encoder\."), lambda match: "TE1"),
+    (re.compile(r"(?:^|_)te2_|^text_encoder_2\."), lambda match: "TE2"),
+    (re.compile(r"(?:^|_)te_"), lambda match: "TE"),
+    (re.compile(r"input_blocks[._](\d+)"), lambda match: f"IN{int(match.group(1)):02d}"),
+    (re.compile(r"output_blocks[._](\d+)"), lambda match: f"OUT{int(match.group(1)):02d}"),
+    (re.compile(r"middle_block|mid_block"), lambda match: "M00"),
     (re.compile(r"down_blocks[._](\d+)[._](?:resnets|attentions)[._](\d+)"),
-     lambda m: f"IN{1 + 3 * int(m.group(1)) + int(m.group(2)):02d}"),
-    (re.compile(r"down_blocks[._](\d+)[._]downsamplers"), lambda m: f"IN{3 + 3 * int(m.group(1)):02d}"),
+     lambda match: f"IN{1 + 3 * int(match.group(1)) + int(match.group(2)):02d}"),
+    (re.compile(r"down_blocks[._](\d+)[._]downsamplers"), lambda match: f"IN{3 + 3 * int(match.group(1)):02d}"),
     (re.compile(r"up_blocks[._](\d+)[._](?:resnets|attentions)[._](\d+)"),
-     lambda m: f"OUT{3 * int(m.group(1)) + int(m.group(2)):02d}"),
-    (re.compile(r"up_blocks[._](\d+)[._]upsamplers"), lambda m: f"OUT{3 * int(m.group(1)) + 2:02d}"),
+     lambda match: f"OUT{3 * int(match.group(1)) + int(match.group(2)):02d}"),
+    (re.compile(r"up_blocks[._](\d+)[._]upsamplers"), lambda match: f"OUT{3 * int(match.group(1)) + 2:02d}"),
 ]
 
 
 def guess_block(module_name: str) -> str:
     """Best-effort block of a name that did not resolve (for the report only); ``?`` if unknown."""
     for pattern, make in _GUESS:
-        m = pattern.search(module_name)
-        if m:
-            return make(m)
+        match = pattern.search(module_name)
+        if match:
+            return make(match)
     return "?"

@@ -1,4 +1,5 @@
-"""PEFT's LoHa/LoKr files: alpha and rank live in ``adapter_config.json``, not in the weights (docs/format.md#peft-alpha-and-r).
+"""PEFT's LoHa/LoKr files: alpha and rank live in ``adapter_config.json``, not in the weights
+(docs/format.md#peft-alpha-and-r).
 
 PEFT saves ``adapter_model.safetensors`` with keys ``base_model.model.<path>.hada_w1_a`` and puts
 ``r``, ``alpha`` and the per-module ``rank_pattern`` / ``alpha_pattern`` in the JSON beside it. It
@@ -12,8 +13,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import AdapterFormatError
 from .safe_json import MAX_JSON_BYTES, parse_json
@@ -68,7 +70,8 @@ def pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any, s
             if re.match(rf"(.*\.)?({pattern})$", module_path):
                 return value
         except re.error as err:
-            raise AdapterFormatError(f"{source}: pattern {pattern!r} is not a valid regular expression ({err})") from err
+            raise AdapterFormatError(
+                f"{source}: pattern {pattern!r} is not a valid regular expression ({err})") from err
     return default
 
 

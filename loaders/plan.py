@@ -8,8 +8,8 @@ then write the weights; what applies, what is refused and what the user is told 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from .adapter import Adapter
 from .blocks import BlockWeights, parse_block_weights, zeroed_by_omission
@@ -86,3 +86,9 @@ def log_report(report: LoadReport) -> None:
                        "\n".join(f"  {o.module} [{o.status}] {o.reason}" for o in report.not_applied[:20]))
     for text in report.warnings:
         logger.warning("lohakr: %s", text)
+
+
+def composed_strength(component_strengths: Mapping[str, float], block_weights: BlockWeights, match: Match) -> float:
+    """μ of one module, the one place strengths compose: its component's strength (text encoders
+    share the CLIP strength in ComfyUI) times its block's weight (docs/names-and-blocks.md#block-weights)."""
+    return component_strengths.get(match.target.component, 1.0) * block_weights(match.block)

@@ -2,7 +2,7 @@
 
 Every function takes float32 tensors already on the compute device and returns a new tensor.
 Nothing here knows about files, names, alpha or strength: the scale is applied by the caller
-(``AdapterModule.scale``), once. Kernel dimensions are generic (``...``), so Conv1d/2d/3d all work.
+(``LayerUpdate.scale``), once. Kernel dimensions are generic (``...``), so Conv1d/2d/3d all work.
 
 Factor convention, kept from the file format: ``_a`` is the output side, ``_b`` the input side.
 In Tucker mode the output factor is stored transposed, ``(r, out)``; see ``rebuild_tucker``.
@@ -40,12 +40,11 @@ def tucker_outer(half: Tensor, out_factor: Tensor) -> Tensor:
     return torch.einsum("i q ..., i p -> p q ...", half, out_factor)
 
 
-# Elements of ΔW built per step on a CPU: the Hadamard product needs each branch only one chunk
-# at a time, so building a layer's ΔW holds that ΔW plus two chunks, not three full-size products;
-# and a 4 MiB float32 chunk stays in cache between the GEMM that writes it and the multiply-add
-# that reads it, while being tall enough for an efficient rank-32 GEMM. Full SDXL rank-32 LoHa on
-# a 2-core EPYC, strength change: 5.2-11.5 s at 1 Mi elements, 5.3-16 s at 512 Ki, 8.4-9.8 s at
-# 2 Mi, 7-8.8 s at 4 Mi (the same runs interleaved; the VM's speed drifts).
+# Elements of ΔW built per step on a CPU: the Hadamard product needs each branch only one block
+# at a time, so building a layer holds that layer plus two blocks, not three full-size products;
+# a 4 MiB float32 block stays in cache between the GEMM that writes it and the multiply-add that
+# reads it, while being tall enough for an efficient rank-32 GEMM (smaller and larger blocks were
+# both slower on full SDXL; benchmarks/README.md).
 CHUNK_ELEMENTS = 1 << 20
 # Row blocks that need no GEMM (LoKr's broadcast multiply-add) are best larger: fewer steps.
 BROADCAST_CHUNK_ELEMENTS = 1 << 21
@@ -69,29 +68,13 @@ def row_chunks(rows: int, row_size: int, start: int = 0, align: int = 1, budget:
         cuts = (block + j * align // parts for block in range(start - start % align, rows, align)
                 for j in range(parts))
         edges = [start, *(cut for cut in cuts if start < cut < rows), rows]
-    return [slice(p, q) for p, q in zip(edges, edges[1:]) if q > p]
-
-
-class Scratch:
-    """Reusable float32 buffers, one per (device, slot): row blocks are built into these instead of
-    fresh allocations (on a VM, freed memory goes back to the host and faults in again slowly)."""
-
-    def __init__(self):
-        self.buffers: dict[tuple[torch.device, int], Tensor] = {}
-
-    def get(self, device: torch.device, shape: tuple[int, int], slot: int = 0) -> Tensor:
-        need = shape[0] * shape[1]
-        buffer = self.buffers.get((device, slot))
-        if buffer is None or buffer.numel() < need:
-            buffer = torch.empty(max(need, CHUNK_ELEMENTS), dtype=torch.float32, device=device)
-            self.buffers[(device, slot)] = buffer
-        return buffer[:need].view(shape)
+    return [slice(p, q) for p, q in zip(edges, edges[1:], strict=False) if q > p]
 
 
 def loha_branches_rows(outs: Tensor, ins: Tensor, start: int, stop: int, tucker: bool,
                        out: Tensor | None = None) -> Tensor:
     """Output rows ``start:stop`` of both Hadamard branches at once, ``(2, rows, I·k…)``, by one
-    batched GEMM (1.05-1.6x the rate of two ``torch.mm`` calls for rank-32 row blocks on a CPU).
+    batched GEMM (faster than two ``torch.mm`` calls for rank-32 row blocks on a CPU).
     ``outs``: both output factors stacked, ``(2, O, r)``, or in Tucker mode ``(2, r, O)``;
     ``ins``: both input factors (Tucker: both halves) stacked, ``(2, r, I·k…)``."""
     rows = outs[:, :, start:stop].transpose(1, 2) if tucker else outs[:, start:stop]
@@ -162,8 +145,8 @@ def kron_rows(w1: Tensor, w2: Tensor, start: int, stop: int) -> Tensor:
 
 
 # Below this many contiguous elements per w2 row, a Kronecker multiply-add runs on tiled operands
-# (runs of several w2 rows side by side) instead of w2's own short rows: 2-3.5x faster on a CPU for
-# rows of 40-80; from about 256 on, the plain broadcast is as fast and reads less.
+# (runs of several w2 rows side by side) instead of w2's own short rows: a CPU's vector loop then
+# runs long enough to pay off; from about 256 on, the plain broadcast is as fast and reads less.
 KRON_SHORT_RUN = 256
 
 
@@ -177,40 +160,43 @@ def kron_operands(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     if k >= KRON_SHORT_RUN or c == 1:
         return w1.reshape(a, 1, c, 1), w2.reshape(1, b, 1, k)
     g = next((g for g in range(2, c) if c % g == 0 and g * k >= KRON_SHORT_RUN), c)
-    # The smallest g, not c: w2 tiled c times is 1/a of the weight (a full-SDXL LoKr factor 8
-    # strength change spent 0.15 s building those). expand + reshape: one copy each, faster than
-    # repeat_interleave / repeat.
+    # The smallest g, not c: w2 tiled c times is 1/a of the weight, built on every strength change.
+    # expand + reshape: one copy each, faster than repeat_interleave / repeat.
     return (w1.reshape(a, c // g, g, 1).expand(a, c // g, g, k).reshape(a, 1, c // g, g * k),
             w2.unsqueeze(1).expand(b, g, k).reshape(1, b, 1, g * k))
 
 
-def _kron_view(t: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
-    return t.view(t1.shape[0], t2.shape[1], t1.shape[2], t2.shape[3])
+def _kron_view(t: Tensor, w1_operand: Tensor, w2_operand: Tensor) -> Tensor:
+    return t.view(w1_operand.shape[0], w2_operand.shape[1], w1_operand.shape[2], w2_operand.shape[3])
 
 
-def kron_add(out: Tensor, source: Tensor, t1: Tensor, t2: Tensor, value: float) -> Tensor:
+def kron_add(out: Tensor, source: Tensor, w1_operand: Tensor, w2_operand: Tensor, value: float) -> Tensor:
     """``out = source + value·(w1 ⊗ w2)`` for a whole weight in one multiply-add, from
     ``kron_operands``, without materialising the Kronecker product. ``out`` may be ``source``."""
-    torch.addcmul(_kron_view(source, t1, t2), t1, t2, value=value, out=_kron_view(out, t1, t2))
+    torch.addcmul(_kron_view(source, w1_operand, w2_operand), w1_operand, w2_operand, value=value,
+                  out=_kron_view(out, w1_operand, w2_operand))
     return out
 
 
-def kron_add_rows(work: Tensor, start: int, stop: int, t1: Tensor, t2: Tensor, value: float) -> Tensor:
+def kron_add_rows(work: Tensor, start: int, stop: int, w1_operand: Tensor, w2_operand: Tensor,
+                  value: float) -> Tensor:
     """``work += value·(w1 ⊗ w2)[start:stop]`` in place (``work``: those rows), from
-    ``kron_operands``, when the rows are whole w2 blocks or lie within one block."""
-    b = t2.shape[1]
-    first, last = start // b, (stop - 1) // b + 1
-    if start % b == 0 and stop % b == 0:
-        t1 = t1[first:last]
+    ``kron_operands``, when the rows are whole w2 blocks or lie within one block: the rows of
+    ``kron_add``, bit for bit (the same multiply-add on the same operands)."""
+    block = w2_operand.shape[1]
+    first, last = start // block, (stop - 1) // block + 1
+    if start % block == 0 and stop % block == 0:
+        w1_operand = w1_operand[first:last]
     elif last - first == 1:
-        t1, t2 = t1[first:first + 1], t2[:, start - first * b: stop - first * b]
+        w1_operand = w1_operand[first:first + 1]
+        w2_operand = w2_operand[:, start - first * block: stop - first * block]
     else:
-        raise ValueError(f"rows {start}:{stop} span Kronecker blocks of {b} rows partially")
-    _kron_view(work, t1, t2).addcmul_(t1, t2, value=value)
+        raise ValueError(f"rows {start}:{stop} span Kronecker blocks of {block} rows partially")
+    _kron_view(work, w1_operand, w2_operand).addcmul_(w1_operand, w2_operand, value=value)
     return work
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def addcmul_rounds_once(dtype: torch.dtype) -> bool:
     """Whether ``kron_add`` on CPU tensors of ``dtype`` gives exactly what the float32 path gives
     (cast up, multiply-add in float32, cast down once). PyTorch computes half and bfloat16

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .adapter import Adapter
 from .errors import BaseModelMismatchError, StrictLoadError
 from .metadata import BASE_MODEL_NAMES
-from .modules import AdapterModule
 from .names import LayerTarget, ModelLayout, guess_block
 from .report import LoadReport, ModuleOutcome
+from .updates import LayerUpdate
 
 
 @dataclass(eq=False)
 class Match:
     """A module of the file and the layer it patches."""
 
-    module: AdapterModule
+    module: LayerUpdate
     target: LayerTarget
 
     @property

@@ -13,7 +13,8 @@ def current_api_available() -> bool:
     if os.environ.get("LOHAKR_COMFY_API", "").lower() == "classic":
         return False
     try:
-        return importlib.util.find_spec("comfy_api") is not None and importlib.util.find_spec("comfy_api.latest") is not None
+        find = importlib.util.find_spec
+        return find("comfy_api") is not None and find("comfy_api.latest") is not None
     except (ImportError, ValueError):
         return False
 

@@ -3,7 +3,7 @@
 A MODEL/CLIP pair becomes a ``ModelLayout`` (SGM UNet paths, HF CLIP paths, ComfyUI state-dict
 keys as host keys); names the shared resolver does not know fall back to ComfyUI's own key maps.
 Each applied module becomes one lazy patch, a ``WeightAdapterBase`` subclass whose
-``calculate_weight`` calls the module's own ``add_to``: ComfyUI's patcher decides when and on
+``calculate_weight`` calls the shared ``apply.add_to``: ComfyUI's patcher decides when and on
 which device ΔW is built (full load, LowVRAM partial load, fp8 weights), and unpatches as for
 any LoRA. No math lives here.
 """
@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from ..loaders import apply
 from ..loaders.adapter import adapter_cache
 from ..loaders.blocks import BlockWeights
 from ..loaders.errors import LohakrError, NonFiniteUpdateError
 from ..loaders.guard import check_patch, check_strength, provably_finite
-from ..loaders.modules import AdapterModule
 from ..loaders.names import LayerTarget, ModelLayout, guess_block
-from ..loaders.plan import LoadPlan, log_report, plan_load
+from ..loaders.plan import LoadPlan, composed_strength, log_report, plan_load
 from ..loaders.report import LoadReport
+from ..loaders.updates import LayerUpdate
 
 logger = logging.getLogger("lohakr")
 
@@ -89,7 +91,10 @@ def comfy_fallback(model: Any | None, clip: Any | None, layout: ModelLayout):
         if not isinstance(host_key, str) or host_key not in shapes:
             return None
         shape, part = shapes[host_key]
-        component = "unet" if part == "unet" else ("text_encoder_2" if host_key.startswith("clip_g.") else "text_encoder")
+        if part == "unet":
+            component = "unet"
+        else:
+            component = "text_encoder_2" if host_key.startswith("clip_g.") else "text_encoder"
         block = guess_block(name)
         if block == "?":
             block = "OTHER" if component == "unet" else ("TE2" if component == "text_encoder_2" else
@@ -113,7 +118,7 @@ def weight_adapter_class() -> type | None:
 
         name = "lohakr"
 
-        def __init__(self, module: AdapterModule, weight_shape: tuple[int, ...], bias: bool = False,
+        def __init__(self, module: LayerUpdate, weight_shape: tuple[int, ...], bias: bool = False,
                      weight_dtype: torch.dtype = torch.float16):
             self.module = module
             self.weight_shape = tuple(weight_shape)
@@ -150,7 +155,7 @@ def weight_adapter_class() -> type | None:
                 weight += function((strength * delta).to(weight.dtype))
                 return weight
             work = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
-            self.module.add_to(work, strength)
+            apply.add_to(work, self.module, strength)
             if work is not weight:
                 weight.copy_(work)
             return weight
@@ -168,7 +173,7 @@ def _is_identity(function: Any) -> bool:
         return False
 
 
-def _patch_value(module: AdapterModule, target: LayerTarget, weight_dtype: torch.dtype, bias: bool = False):
+def _patch_value(module: LayerUpdate, target: LayerTarget, weight_dtype: torch.dtype, bias: bool = False):
     adapter_class = weight_adapter_class()
     if adapter_class is not None:
         return adapter_class(module, target.weight_shape, bias, weight_dtype)
@@ -209,14 +214,16 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
     host_weights = _host_weights(model if use_model else None, clip if use_clip else None)
     # Per item: patch value per strength group; per host weight: every module and strength on it.
     groups_per_item: list[dict[tuple[bool, float], dict[str, Any]]] = []
-    on_weight: dict[str, list[tuple[AdapterModule, float]]] = {}
+    on_weight: dict[str, list[tuple[LayerUpdate, float]]] = {}
     for item, plan in planned:
+        component_strengths = {"unet": item.strength_model, "text_encoder": item.strength_clip,
+                               "text_encoder_2": item.strength_clip}
         groups: dict[tuple[bool, float], dict[str, Any]] = {}
         for match in plan.matches:
             is_clip = match.target.component != "unet"
             if (is_clip and not use_clip) or (not is_clip and not use_model):
                 continue
-            strength = (item.strength_clip if is_clip else item.strength_model) * plan.block_weights(match.block)
+            strength = composed_strength(component_strengths, plan.block_weights, match)
             if strength == 0:
                 continue
             on_weight.setdefault(match.target.host_key, []).append((match.module, strength))
@@ -232,13 +239,14 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
     new_model = model.clone() if use_model else model
     new_clip = clip.clone() if use_clip else clip
     reports = []
-    for (item, plan), groups in zip(planned, groups_per_item):
+    for (_, plan), groups in zip(planned, groups_per_item, strict=True):
         for (is_clip, strength), patches in groups.items():
             receiver = new_clip if is_clip else new_model
             accepted = set(receiver.add_patches(patches, strength))
             dropped = set(patches) - accepted
             if dropped:
-                raise LohakrError(f"{plan.adapter.source}: ComfyUI refused patches for {', '.join(sorted(dropped)[:5])}")
+                refused = ", ".join(sorted(dropped)[:5])
+                raise LohakrError(f"{plan.adapter.source}: ComfyUI refused patches for {refused}")
         reports.append(plan.report)
         log_report(plan.report)
     return new_model, new_clip, reports
@@ -255,7 +263,7 @@ def _host_weights(model: Any | None, clip: Any | None) -> dict[str, torch.Tensor
 
 
 def _check_finite(host_weights: dict[str, torch.Tensor],
-                  on_weight: dict[str, list[tuple[AdapterModule, float]]]) -> None:
+                  on_weight: dict[str, list[tuple[LayerUpdate, float]]]) -> None:
     """The write guard (``loaders/guard.py``) for every host weight the stack patches, against the
     model's own weight and dtype: refuses before any patch is added."""
     for host_key, contributions in on_weight.items():
@@ -264,7 +272,7 @@ def _check_finite(host_weights: dict[str, torch.Tensor],
         def trial(weight=weight, contributions=contributions) -> torch.Tensor:
             work = weight.to(torch.float32, copy=True)
             for module, strength in contributions:
-                module.add_to(work, strength)
+                apply.add_to(work, module, strength)
             return work.to(weight.dtype)
 
         check_patch(contributions, weight.dtype, host_key, trial)

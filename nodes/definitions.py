@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..loaders.adapter import adapter_cache
 from ..loaders.describe import describe_adapter, describe_coverage, format_coverage, format_description
@@ -64,7 +65,8 @@ def lora_path(name: str) -> str:
 
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        raise LohakrError(f"{name}: not found in the loras folder(s) {', '.join(folder_paths.get_folder_paths('loras'))}")
+        folders = ", ".join(folder_paths.get_folder_paths("loras"))
+        raise LohakrError(f"{name}: not found in the loras folder(s) {folders}")
     return path
 
 
@@ -108,7 +110,8 @@ def stack_items(stack) -> list[StackItem]:
         if name in (None, "", "None"):
             continue
         items.append(StackItem(lora_path(name), strength_model, strength_clip,
-                               getattr(entry, "block_weights", "") or None, name=os.path.splitext(os.path.basename(name))[0]))
+                               getattr(entry, "block_weights", "") or None,
+                               name=os.path.splitext(os.path.basename(name))[0]))
     return items
 
 
@@ -119,7 +122,8 @@ def parse_rows(rows: str) -> list[StackEntry]:
         return []
     data = parse_json(rows, "the stack node", "rows")
     if not isinstance(data, list):
-        raise LohakrError("stack rows must be a JSON list of {name, strength_model, strength_clip, block_weights, enabled}")
+        raise LohakrError("stack rows must be a JSON list of "
+                          "{name, strength_model, strength_clip, block_weights, enabled}")
     entries = []
     for i, row in enumerate(data):
         if not isinstance(row, dict) or not row.get("name"):

@@ -15,21 +15,21 @@ from ..loaders.describe import describe_adapter
 from ..loaders.errors import LohakrError
 
 
-class BadName(ValueError):
+class BadNameError(ValueError):
     """The requested name is not a plain relative path."""
 
 
 def checked_lora_path(name: str, listed: list[str], resolve_full) -> str:
     """The full path of ``name`` if it is one of ``listed`` (ComfyUI's loras listing).
 
-    Raises ``BadName`` for absolute or parent-relative names, ``LookupError`` for unknown ones."""
+    Raises ``BadNameError`` for absolute or parent-relative names, ``LookupError`` for unknown ones."""
     if not name or "\x00" in name:
-        raise BadName("name is empty")
+        raise BadNameError("name is empty")
     normalised = name.replace("\\", "/")
     if normalised.startswith("/") or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
-        raise BadName("absolute paths are not allowed")
+        raise BadNameError("absolute paths are not allowed")
     if any(part == ".." for part in normalised.split("/")):
-        raise BadName("'..' is not allowed")
+        raise BadNameError("'..' is not allowed")
     if name not in listed:
         raise LookupError(f"{name} is not in the loras folder(s)")
     path = resolve_full(name)
@@ -53,7 +53,7 @@ def register_routes() -> bool:
         try:
             path = checked_lora_path(name, folder_paths.get_filename_list("loras"),
                                      lambda n: folder_paths.get_full_path("loras", n))
-        except BadName as err:
+        except BadNameError as err:
             return web.json_response({"error": str(err)}, status=400)
         except LookupError as err:
             return web.json_response({"error": str(err)}, status=404)

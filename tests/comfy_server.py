@@ -88,9 +88,9 @@ def comfy_server(base: Path, loras: Path, *, test_nodes: bool = True, timeout: f
             try:
                 server.get("/object_info/LohakrLoader")
                 break
-            except (urllib.error.URLError, ConnectionError, OSError):
+            except (urllib.error.URLError, ConnectionError, OSError) as err:
                 if time.time() > deadline:
-                    raise AssertionError(f"ComfyUI did not start in {timeout} s: {log.read_text()[-3000:]}")
+                    raise AssertionError(f"ComfyUI did not start in {timeout} s: {log.read_text()[-3000:]}") from err
                 time.sleep(0.5)
         yield server
     finally:

@@ -7,13 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lycoris_oracle import Fixture, make_fixture  # noqa: E402
-
 import lycoris.logging  # noqa: E402,F401  (creates LyCORIS' logger, which prints INFO by default)
+from lycoris_oracle import Fixture, make_fixture  # noqa: E402
 
 logging.getLogger("LyCORIS").setLevel(logging.WARNING)
 

@@ -106,7 +106,7 @@ def randomize(net, seed: int = 0, std: float = 0.1) -> None:
 
 
 @torch.no_grad()
-def reference(net, multiplier: float = 1.0) -> dict[str, "Reference"]:
+def reference(net, multiplier: float = 1.0) -> dict[str, Reference]:
     """lora_name -> W0, LyCORIS' ΔW (scale included) and forward's patched weight W', fp32."""
     out = {}
     for m in net.text_encoder_loras + net.unet_loras:

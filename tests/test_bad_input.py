@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_spec_vectors import TV1, TV4, pat
 
 from lohakr import AdapterFormatError, AdapterShapeError, ModelLayout, load_adapter, resolve
-from test_spec_vectors import TV1, TV4, pat
 
 
 def write(tmp_path, tensors, name="adapter.safetensors", metadata=None):
@@ -213,7 +213,8 @@ def test_building_a_delta_holds_about_one_layer(tucker):
     r = 16
     if tucker:
         shape = (640, 640, 3, 3)
-        tensors = {"m.hada_t1": torch.randn(r, r, 3, 3, generator=g), "m.hada_t2": torch.randn(r, r, 3, 3, generator=g),
+        tensors = {"m.hada_t1": torch.randn(r, r, 3, 3, generator=g),
+                   "m.hada_t2": torch.randn(r, r, 3, 3, generator=g),
                    "m.hada_w1_a": torch.randn(r, 640, generator=g), "m.hada_w1_b": torch.randn(r, 640, generator=g),
                    "m.hada_w2_a": torch.randn(r, 640, generator=g), "m.hada_w2_b": torch.randn(r, 640, generator=g)}
     else:

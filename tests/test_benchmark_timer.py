@@ -21,8 +21,8 @@ def bench():
 def test_cycle_interleaves_steps_and_keeps_every_run(bench):
     calls = []
     timer = bench.Timer("cpu", warmup=1)
-    result = timer.cycle([(label, lambda label=label: calls.append(label)) for label in ("load", "strength", "unload")],
-                         reps=3, tag="x:")
+    steps = [(label, lambda label=label: calls.append(label)) for label in ("load", "strength", "unload")]
+    result = timer.cycle(steps, reps=3, tag="x:")
     assert calls == ["load", "strength", "unload"] * 4  # one warm-up cycle, then three timed ones
     assert set(result) == {"load", "strength", "unload"}
     for label in result:
@@ -107,7 +107,8 @@ def _saved_run(faults_per_load: int) -> dict:
             "fused_cycle_gemm_flops": [100e9] * 3}
     entry = {"modules": 10, "file_mb": 1.0, "flops": 10e9, "bytes_min": 20e9, "lower_bound_s": 1.0,
              "roofline_now": {"gemm_flops": 100e9, "bandwidth": 20e9, "first_touch_bandwidth": 4e9},
-             "largest_layer_delta_bytes": 2**20, "lohakr": ours, "lycoris": {"load_patch_s": 10.0, "peak_extra_bytes": 0}}
+             "largest_layer_delta_bytes": 2**20, "lohakr": ours,
+             "lycoris": {"load_patch_s": 10.0, "peak_extra_bytes": 0}}
     return {"adapters": {"lokr_f8": entry}, "comfyui": {"skipped": "COMFYUI_DIR not set"}}
 
 

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from comfy_support import import_comfy, require_comfyui
 
 require_comfyui()
@@ -49,7 +48,8 @@ def test_extension_in_real_browser(tmp_path):
         assert server.get_raw("/lohakr/info?name=nothere.safetensors")[0] == 404
         status, script = server.get_raw("/extensions/lohakr-pack/lohakr.js")
         assert status == 200 and b"registerExtension" in script
-        run = subprocess.run(["node", str(BROWSER_DIR / "drive.mjs"), server.url, str(artifacts), "browser_loha.safetensors"],
+        command = ["node", str(BROWSER_DIR / "drive.mjs"), server.url, str(artifacts), "browser_loha.safetensors"]
+        run = subprocess.run(command,
                              capture_output=True, text=True, timeout=400, env={**os.environ, "CHROMIUM": CHROMIUM})
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -9,9 +9,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfy_support import build_tiny_sdxl, import_comfy, require_comfyui
+from safetensors.torch import save_file
 
 require_comfyui()
 

@@ -4,9 +4,10 @@ right, stack, block-weight, unpatch, and match the diffusers side patching the s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-
 from comfy_support import build_tiny_sdxl, comfy_key, diffusers_twin, import_comfy, require_comfyui
 
 require_comfyui()
@@ -102,7 +103,6 @@ def test_loader_gives_predicted_weights(comfy, variant):
 @pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_full"])
 def test_equals_native_lora_loader_where_native_is_right(comfy, variant):
     import nodes as comfy_nodes
-
     from lohakr.nodes.definitions import run_loader
 
     loras, _ = comfy
@@ -138,8 +138,8 @@ def test_stack_equals_chained_loaders_and_sum(comfy):
     m1, c1 = run_loader(model, a, 0.7, "", clip=clip, strength_clip=0.3)[0]
     m1, c1 = run_loader(m1, b, -0.4, "", clip=c1, strength_clip=1.0)[0]
     (stack,), _ = run_stack(a, 0.7, 0.3, "")
-    (stack,), _ = run_stack(lora_stack=stack, rows='[{"name": "%s", "strength_model": -0.4, "strength_clip": 1.0},'
-                                                '{"name": "%s", "enabled": false}]' % (b, a))
+    rows = json.dumps([{"name": b, "strength_model": -0.4, "strength_clip": 1.0}, {"name": a, "enabled": False}])
+    (stack,), _ = run_stack(lora_stack=stack, rows=rows)
     assert len(stack) == 2 and tuple(stack[1]) == (b, -0.4, 1.0)
     m2, c2 = run_apply_stack(model, stack, clip=clip)[0]
     chained, stacked = loaded_state(m1, c1), loaded_state(m2, c2)
@@ -233,10 +233,11 @@ def test_errors_reach_the_node(comfy):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    save_file({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_a": torch.randn(640, 2, generator=g),
-               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_b": torch.randn(2, 768, generator=g),
-               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.hada_w2_a": torch.randn(640, 2, generator=g),
-               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.hada_w2_b": torch.randn(2, 768, generator=g)},
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{name}.hada_w1_a": torch.randn(640, 2, generator=g),
+               f"{name}.hada_w1_b": torch.randn(2, 768, generator=g),
+               f"{name}.hada_w2_a": torch.randn(640, 2, generator=g),
+               f"{name}.hada_w2_b": torch.randn(2, 768, generator=g)},
               str(loras / "sd15.safetensors"))
     with pytest.raises(BaseModelMismatchError, match="SD1.5 adapter .* the model is SDXL"):
         run_loader(model, "sd15.safetensors", 1.0, "", clip=clip, strength_clip=1.0)

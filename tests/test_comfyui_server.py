@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-
 from comfy_support import comfy_key, diffusers_twin, require_comfyui
 
 require_comfyui()
@@ -44,9 +43,8 @@ def server(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
     loras = base / "loras"
     loras.mkdir()
-    from test_comfyui_nodes import make_file
-
     from comfy_support import import_comfy
+    from test_comfyui_nodes import make_file
 
     import_comfy()
     make_file(loras, "loha_tucker", "e2e_loha")

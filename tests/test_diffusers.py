@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from lycoris_oracle import VARIANTS
 
 import lohakr
 from lohakr import LohakrError, StrictLoadError, load_adapter
 from lohakr.loaders import tiny_models
 from lohakr.loaders.diffusers_pipeline import pipeline_layout
-from lycoris_oracle import VARIANTS
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -305,13 +305,13 @@ def count_layer_passes(monkeypatch):
     from lohakr.loaders.patcher import WeightPatcher
 
     passes = {"n": 0}
-    original_apply = WeightPatcher._apply
+    original_write = WeightPatcher._write_layer
 
     def counting(self, *args, **kwargs):
         passes["n"] += 1
-        return original_apply(self, *args, **kwargs)
+        return original_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(WeightPatcher, "_apply", counting)
+    monkeypatch.setattr(WeightPatcher, "_write_layer", counting)
     return passes
 
 
@@ -344,18 +344,20 @@ def test_batch_equals_one_by_one_with_one_pass_per_layer(lycoris_file, tmp_path,
 
 
 def test_batch_failing_at_the_end_removes_its_adapters(lycoris_file, tmp_path, monkeypatch):
-    from lohakr.loaders.modules import LokrModule
+    from lohakr.loaders import apply
+    from lohakr.loaders.updates import LokrUpdate
 
     pipe = make_pipe("sdxl", tmp_path)
     pipe.load_loha(lycoris_file("sdxl", "loha").path, "kept")
     before = snapshot(pipe)
+    real_patch = apply.patch
 
-    def broken(self, *args, **kwargs):
-        raise RuntimeError("simulated out of memory")
+    def broken_for_lokr(out, source, contributions, workspace=None):
+        if any(isinstance(update, LokrUpdate) for update, _ in contributions):
+            raise RuntimeError("simulated out of memory")
+        return real_patch(out, source, contributions, workspace)
 
-    monkeypatch.setattr(LokrModule, "add_rows", broken)
-    monkeypatch.setattr(LokrModule, "add_to", broken)
-    monkeypatch.setattr(LokrModule, "write_patched", broken)
+    monkeypatch.setattr(apply, "patch", broken_for_lokr)
     with pytest.raises(RuntimeError, match="simulated"):
         with pipe.lycoris_batch():
             pipe.load_loha(lycoris_file("sdxl", "loha_tucker").path, "new1")
@@ -393,8 +395,8 @@ def test_originals_beside_the_weights_are_kept_without_a_copy(lycoris_file, tmp_
     values = {key: p.detach().clone() for key, p in params.items()}
     pipe.load_loha(lycoris_file("sdxl", "loha_tucker").path)
     patcher = pipe._lohakr_patcher
-    assert patcher._originals
-    for key, kept in patcher._originals.items():
+    assert len(patcher.originals)
+    for key, kept in patcher.originals.items():
         assert kept.weight.data_ptr() == pointers[key]  # the original storage itself, not a copy
         assert params[key].data_ptr() != pointers[key]  # the layer got new storage for the patch
         assert layout.targets[key].layer.weight is params[key]  # same Parameter object
@@ -482,19 +484,19 @@ def test_fuse_adds_in_place_keeping_nothing_and_refuses_changes(lycoris_file, tm
 
 def test_fuse_failing_midway_says_to_reload(lycoris_file, tmp_path, monkeypatch):
     from lohakr import FusedPartlyError
-    from lohakr.loaders.modules import LohaModule
+    from lohakr.loaders import apply
 
     pipe = lohakr.enable(make_pipe("sdxl", tmp_path), fuse=True)
     calls = {"n": 0}
-    original = LohaModule.add_rows
+    original = apply.patch
 
-    def fails_later(self, *args, **kwargs):
+    def fails_later(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("simulated out of memory")
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(LohaModule, "add_rows", fails_later)
+    monkeypatch.setattr(apply, "patch", fails_later)
     with pytest.raises(FusedPartlyError, match="reload the model"):
         pipe.load_loha(lycoris_file("sdxl", "loha").path)
     assert pipe.lycoris_adapters() == []
@@ -529,12 +531,12 @@ def test_a_load_takes_every_new_weight_storage_before_any_working_buffer(lycoris
     """A reversible load allocates the new storage of every weight it patches first, then works
     layer by layer: long-lived weights allocated between the layers' freed buffers would pin those
     heap pages (full-SDXL LoHa: 150-230 MiB more resident memory)."""
-    from lohakr.loaders import patcher as patcher_module
+    from lohakr.loaders import apply
 
     pipe = make_pipe("sdxl", tmp_path)
     _, before = layer_weights(pipe)
     events = []  # ("storage", data_ptr) and ("layer", None), in order
-    real_empty_like, real_write = torch.empty_like, patcher_module._write_weight
+    real_empty_like, real_write = torch.empty_like, apply.patch
 
     def empty_like(*args, **kwargs):
         tensor = real_empty_like(*args, **kwargs)
@@ -542,7 +544,7 @@ def test_a_load_takes_every_new_weight_storage_before_any_working_buffer(lycoris
         return tensor
 
     monkeypatch.setattr(torch, "empty_like", empty_like)
-    monkeypatch.setattr(patcher_module, "_write_weight", lambda *a: (events.append(("layer", None)), real_write(*a))[1])
+    monkeypatch.setattr(apply, "patch", lambda *a: (events.append(("layer", None)), real_write(*a))[1])
     pipe.load_loha(lycoris_file("sdxl", "loha").path, "a")
     monkeypatch.undo()
     layout, after = layer_weights(pipe)

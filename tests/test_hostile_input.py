@@ -12,9 +12,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ from lohakr import (
     StrictLoadError,
     load_adapter,
 )
-from lohakr.loaders import tiny_models
+from lohakr.loaders import apply, tiny_models
 from lohakr.loaders.diffusers_pipeline import pipeline_layout
 from lohakr.loaders.errors import NonFiniteUpdateError, NothingToApplyError
 
@@ -441,7 +441,7 @@ def test_patching_does_not_depend_on_grad_mode(kind):
     expected = module.patched_weight(base, 0.7)
     with torch.enable_grad():
         weight = base.clone().requires_grad_()
-        got = module.add_to(weight, 0.7)
+        got = apply.add_to(weight, module, 0.7)
     assert torch.equal(got.detach(), expected)
 
 

@@ -1,4 +1,4 @@
-"""LoKr's one-pass patch (``write_patched``): in the weight's own dtype, and bit for bit what the
+"""LoKr's one-pass patch (``apply.one_pass``): in the weight's own dtype, and bit for bit what the
 float32 path gives; taken only where that holds, and never silently different. Both ways: the
 native kernel (half/bfloat16, any factors) and PyTorch's multiply-add (exact factors only)."""
 
@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_diffusers import layer_weights, make_pipe
 
 from lohakr import load_adapter
-from lohakr.loaders import rebuild
-from lohakr.loaders.modules import LokrModule
-from test_diffusers import layer_weights, make_pipe
+from lohakr.loaders import apply, rebuild
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -59,11 +58,11 @@ def test_one_operation_equals_the_float32_path_bit_for_bit(dtype, case, strength
     module = lokr(torch.randn(w1_shape, generator=g), torch.randn(w2_shape, generator=g) * 0.05, dtype)
     weight = (torch.randn(weight_shape, generator=g) * 0.02).to(dtype)
     out = torch.empty_like(weight)
-    assert module.write_patched(out, weight, strength)
+    assert apply.one_pass(out, weight, module, strength)
     assert torch.equal(out, float32_path(module, weight, strength))
     # In place (fuse=True) gives the same, and agrees with the materialised ΔW to float32 rounding.
     in_place = weight.clone()
-    assert module.write_patched(in_place, in_place, strength)
+    assert apply.one_pass(in_place, in_place, module, strength)
     assert torch.equal(in_place, out)
     expected = weight.float() + strength * module.delta(weight_shape)
     assert torch.allclose(out.float(), expected, rtol=0, atol=float(expected.abs().max()) * 2**-7)
@@ -74,9 +73,9 @@ def test_bf16_factors_on_an_fp16_model_take_the_path_only_when_exact(native_off)
     weight = (torch.randn(96, 120, generator=g) * 0.02).half()
     exact = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.bfloat16)
     tiny = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 1e-6, torch.bfloat16)
-    assert exact.write_patched(torch.empty_like(weight), weight, 1.0)  # bf16 values of normal size fit fp16
+    assert apply.one_pass(torch.empty_like(weight), weight, exact, 1.0)  # bf16 values of normal size fit fp16
     out = torch.full_like(weight, 7.0)
-    assert not tiny.write_patched(out, weight, 1.0)  # 1e-6 loses bits as fp16 subnormals
+    assert not apply.one_pass(out, weight, tiny, 1.0)  # 1e-6 loses bits as fp16 subnormals
     assert bool((out == 7.0).all())  # nothing written
 
 
@@ -91,26 +90,24 @@ def test_other_cases_are_left_to_the_float32_path(native_off):
     dora = lokr(torch.randn(4, 3, generator=g), torch.randn(24, 40, generator=g) * 0.05, torch.float16,
                 dora_scale=torch.rand(96, 1) + 0.5)
     out = torch.empty_like(weight)
-    assert not low_rank.write_patched(out, weight, 1.0)  # w2_a @ w2_b is float32, not fp16
-    assert not dora.write_patched(out, weight, 1.0)
-    assert not full.write_patched(out, weight, 0.0)
-    assert not full.write_patched(out, weight.float(), 1.0)  # dtypes differ
+    assert not apply.one_pass(out, weight, low_rank, 1.0)  # w2_a @ w2_b is float32, not fp16
+    assert not apply.one_pass(out, weight, dora, 1.0)
+    assert not apply.one_pass(out, weight, full, 0.0)
+    assert not apply.one_pass(out, weight.float(), full, 1.0)  # dtypes differ
     strided = (torch.randn(120, 96) * 0.02).half().t()
-    assert not full.write_patched(torch.empty_like(weight), strided, 1.0)
+    assert not apply.one_pass(torch.empty_like(weight), strided, full, 1.0)
     # On a float32 weight a low-rank product is exact as it is: one multiply-add, same bits.
     weight32 = weight.float()
     out32 = torch.empty_like(weight32)
-    assert low_rank.write_patched(out32, weight32, 0.7)
+    assert apply.one_pass(out32, weight32, low_rank, 0.7)
     reference32 = weight32.clone()
-    with low_rank.float_factors():
-        low_rank.add_rows(reference32, 0, 96, 0.7)
+    apply.add_rows(reference32, 0, 96, low_rank, 0.7, apply.Workspace())
     assert torch.equal(out32, reference32)
     # add_to (ComfyUI's float32 weight) takes it and matches the row path.
     work = weight.float()
     reference = work.clone()
-    with full.float_factors():
-        full.add_rows(reference, 0, 96, 0.5)
-    full.add_to(work, 0.5)
+    apply.add_rows(reference, 0, 96, full, 0.5, apply.Workspace())
+    apply.add_to(work, full, 0.5)
     assert torch.equal(work, reference)
 
 
@@ -129,7 +126,7 @@ def test_a_pytorch_that_rounds_twice_is_detected(monkeypatch, native_off):
         assert rebuild.addcmul_rounds_once(torch.float32)
         module = lokr(torch.randn(4, 3), torch.randn(24, 40), torch.float16)
         weight = torch.randn(96, 120).half()
-        assert not module.write_patched(torch.empty_like(weight), weight, 1.0)
+        assert not apply.one_pass(torch.empty_like(weight), weight, module, 1.0)
     finally:
         monkeypatch.setattr(torch, "addcmul", real)
         rebuild.addcmul_rounds_once.cache_clear()
@@ -148,25 +145,25 @@ def test_pipeline_fp16_lokr_equals_the_row_path(lycoris_file, tmp_path, monkeypa
         pytest.skip("PyTorch's one-operation path needs factors exact in fp16 (full w1 and w2)")
     path = lycoris_file("sdxl", variant, "fp16").path
     taken = []
-    real = LokrModule.write_patched
+    real = apply.one_pass
 
-    def spy(self, out, source, strength, scratch=None):
-        done = real(self, out, source, strength, scratch)
+    def spy(out, source, update, strength, workspace=None):
+        done = real(out, source, update, strength, workspace)
         taken.append(done)
         return done
 
-    monkeypatch.setattr(LokrModule, "write_patched", spy)
+    monkeypatch.setattr(apply, "one_pass", spy)
     fast = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     fast.load_lokr(path, "a")
     assert taken and all(taken)
-    monkeypatch.setattr(LokrModule, "write_patched", lambda self, out, source, strength, scratch=None: False)
+    monkeypatch.setattr(apply, "one_pass", lambda *args: False)
     rows = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     rows.load_lokr(path, "a")
     _, got = layer_weights(fast)
     _, want = layer_weights(rows)
     assert all(torch.equal(got[k], want[k]) for k in want)
     if not fuse:
-        monkeypatch.setattr(LokrModule, "write_patched", spy)
+        monkeypatch.setattr(apply, "one_pass", spy)
         fast.set_lycoris_strength("a", 0.3)
         rows.set_lycoris_strength("a", 0.3)
         _, got = layer_weights(fast)
@@ -217,8 +214,6 @@ def test_blocks_too_big_for_a_row_block_stay_on_the_multiply_add_path(monkeypatc
     """A conv LoKr whose w2 block is larger than a row block (SDXL's 1280×2560×3×3 with factor 8)
     is patched in parts of one block each, by multiply-adds: the Kronecker rows are never built,
     and the bits equal the whole-weight float32 multiply-add."""
-    from lohakr.loaders.patcher import _write_weight
-
     g = torch.Generator().manual_seed(5)
     module = load_adapter({"lora_unet_x.lokr_w1": torch.randn(2, 2, generator=g).half(),
                            "lora_unet_x.lokr_w2_a": (torch.randn(12, 2, generator=g) * 0.1).half(),
@@ -228,5 +223,5 @@ def test_blocks_too_big_for_a_row_block_stay_on_the_multiply_add_path(monkeypatc
     monkeypatch.setattr(rebuild, "BROADCAST_CHUNK_ELEMENTS", 5 * 90)  # 5 of a block's 12 rows
     monkeypatch.setattr(rebuild, "kron_rows", lambda *a: pytest.fail("Kronecker rows were built"))
     out = torch.empty_like(weight)
-    _write_weight(out, weight, [(None, module, 0.6)], rebuild.Scratch())
+    apply.patch(out, weight, [(module, 0.6)])
     assert torch.equal(out, float32_path(module, weight, 0.6))

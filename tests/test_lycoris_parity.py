@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lycoris_oracle import DTYPES, VARIANTS
 
 from lohakr import ModelLayout, load_adapter, resolve
-from lycoris_oracle import DTYPES, VARIANTS
 
 FAMILIES = ["sdxl", "sd1"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lycoris_oracle import make_models
 
 from lohakr import BaseModelMismatchError, ModelLayout, load_adapter, resolve
 from lohakr.loaders.reference_models import reference_layout
-from lycoris_oracle import make_models
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_tv_sdxl_names(sdxl):
     ("middle_block_0_in_layers_2", "mid_block.resnets.0.conv1"),
     ("middle_block_1_transformer_blocks_9_ff_net_2", "mid_block.attentions.0.transformer_blocks.9.ff.net.2"),
     ("middle_block_2_emb_layers_1", "mid_block.resnets.1.time_emb_proj"),
-    ("output_blocks_2_1_transformer_blocks_9_attn2_to_out_0", "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0"),
+    ("output_blocks_2_1_transformer_blocks_9_attn2_to_out_0",
+     "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0"),
     ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
     ("output_blocks_5_2_conv", "up_blocks.1.upsamplers.0.conv"),
     ("output_blocks_8_0_skip_connection", "up_blocks.2.resnets.2.conv_shortcut"),
@@ -73,8 +74,10 @@ def test_counts_match_kohya_defaults(sdxl, sd1):
 
     assert len(transformer_modules(sdxl)) == 722
     assert len(transformer_modules(sd1)) == 192
-    te = lambda layout, c: [t for t in layout.targets.values() if t.component == c and
-                            (".self_attn." in t.path or ".mlp." in t.path)]  # noqa: E731
+    def te(layout, component):
+        return [t for t in layout.targets.values() if t.component == component and
+                (".self_attn." in t.path or ".mlp." in t.path)]
+
     assert len(te(sdxl, "text_encoder")) == 72 and len(te(sdxl, "text_encoder_2")) == 192
     assert sdxl.blocks == ["TE1", "TE2", *[f"IN{i:02d}" for i in range(9)], "M00",
                            *[f"OUT{i:02d}" for i in range(9)], "OTHER"]

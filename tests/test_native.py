@@ -1,4 +1,4 @@
-"""The optional native CPU kernels (``loaders/native.py``): the same bits as PyTorch's float32 path
+"""The optional native CPU kernels (``loaders/native/``): the same bits as PyTorch's float32 path
 in every layout and dtype they take, used only after that is checked, and a clear fallback with the
 reason when they cannot be built or used."""
 
@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_diffusers import layer_weights, make_pipe
 
 import lohakr
 from lohakr import load_adapter
-from lohakr.loaders import native, rebuild
-from lohakr.loaders.modules import LohaModule
-from lohakr.loaders.patcher import _write_weight
-from test_diffusers import layer_weights, make_pipe
+from lohakr.loaders import apply, native, rebuild
 
 HALF_TYPES = [torch.float16, torch.bfloat16]
+
+
+def recording(kernel, name: str, calls: list):
+    """``kernel``, appending ``name`` to ``calls`` on every call."""
+    def spy(*args):
+        calls.append(name)
+        return kernel(*args)
+
+    return spy
 
 
 def kron_reference(weight, w1, w2, value):
@@ -98,8 +105,10 @@ def loha_module(tucker: bool, dtype=torch.float16):
                    "hada_w2_a": torch.randn(r, out_dim, generator=g), "hada_w2_b": torch.randn(r, in_dim, generator=g),
                    "hada_t1": torch.randn(r, r, 3, 3, generator=g), "hada_t2": torch.randn(r, r, 3, 3, generator=g)}
     else:
-        tensors = {"hada_w1_a": torch.randn(out_dim, r, generator=g), "hada_w1_b": torch.randn(r, in_dim * 9, generator=g),
-                   "hada_w2_a": torch.randn(out_dim, r, generator=g), "hada_w2_b": torch.randn(r, in_dim, 3, 3, generator=g)}
+        tensors = {"hada_w1_a": torch.randn(out_dim, r, generator=g),
+                   "hada_w1_b": torch.randn(r, in_dim * 9, generator=g),
+                   "hada_w2_a": torch.randn(out_dim, r, generator=g),
+                   "hada_w2_b": torch.randn(r, in_dim, 3, 3, generator=g)}
     tensors["alpha"] = torch.tensor(2.0)
     module = load_adapter({f"lora_unet_x.{k}": (v * 0.1).to(dtype) if v.dim() else v
                            for k, v in tensors.items()}).modules["lora_unet_x"]
@@ -115,41 +124,41 @@ def test_loha_one_pass_equals_the_row_path(native_on, monkeypatch, tucker, dtype
     module, weight = loha_module(tucker, dtype)
     monkeypatch.setattr(rebuild, "CHUNK_ELEMENTS", 5 * 90)  # several row blocks of 5 rows
     out = torch.empty_like(weight)
-    assert module.write_patched(out, weight, 0.8)
+    assert apply.one_pass(out, weight, module, 0.8)
     rows = weight.float().view(24, -1)
-    with module.float_factors():
-        for chunk in rebuild.row_chunks(24, 90, budget=5 * 90):
-            module.add_rows(rows[chunk], chunk.start, chunk.stop, 0.8)
+    workspace = apply.Workspace()
+    for chunk in rebuild.row_chunks(24, 90, budget=5 * 90):
+        apply.add_rows(rows[chunk], chunk.start, chunk.stop, module, 0.8, workspace)
     assert torch.equal(out, rows.view(weight.shape).to(dtype))
     in_place = weight.clone()
-    assert module.write_patched(in_place, in_place, 0.8)
+    assert apply.one_pass(in_place, in_place, module, 0.8)
     assert torch.equal(in_place, out)
 
 
 def test_loha_one_pass_is_not_taken_where_it_cannot_be(native_on):
     module, weight = loha_module(False)
     out = torch.full_like(weight, 7.0)
-    assert not module.write_patched(out, weight, 0.0)
-    assert not module.write_patched(out, weight.float(), 1.0)  # dtypes differ
+    assert not apply.one_pass(out, weight, module, 0.0)
+    assert not apply.one_pass(out, weight.float(), module, 1.0)  # dtypes differ
     strided = weight.transpose(2, 3)
-    assert not module.write_patched(torch.empty_like(strided), strided, 1.0)
+    assert not apply.one_pass(torch.empty_like(strided), strided, module, 1.0)
     assert bool((out == 7.0).all())
 
 
 @pytest.mark.parametrize("tucker", [False, True], ids=["flat conv", "tucker conv"])
 def test_float32_loha_takes_the_fused_kernel_with_the_row_paths_bits(native_on, monkeypatch, tucker):
     """A float32 weight: one fused pass where the kernel is checked for float32, else (too small
-    a layer) ``write_patched`` declines and the row path (GEMM, PyTorch's multiply-add) patches it."""
-    if native.loha_fused_rank_limit(torch.float32) < 4:
-        pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
+    a layer) ``apply.one_pass`` declines and the row path (GEMM, PyTorch's multiply-add) patches it."""
     module, weight = loha_module(tucker, torch.float32)
+    if not native.loha_fused_rank_ok(torch.float32, module.gemm_inner):
+        pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
     reference = weight.clone()
-    module.add_to(reference, 0.8)
+    apply.add_to(reference, module, 0.8)
     out = torch.empty_like(weight)
-    assert module.write_patched(out, weight, 0.8)
+    assert apply.one_pass(out, weight, module, 0.8)
     assert torch.equal(out, reference)
     monkeypatch.setattr(native, "FUSED_MIN_ROWS", 25)  # 24 rows: too small now
-    assert not module.write_patched(out, weight, 0.8)
+    assert not apply.one_pass(out, weight, module, 0.8)
 
 
 @pytest.mark.parametrize("variant, load", [("loha", "load_loha"), ("loha_tucker", "load_loha"),
@@ -165,15 +174,14 @@ def test_pipeline_native_equals_pytorch_kernels(lycoris_file, tmp_path, monkeypa
 
     def spy_on_kernels():
         for name in kernels:
-            monkeypatch.setattr(native, name, lambda *a, _real=getattr(native, name), _name=name:
-                                (taken.append(_name), _real(*a))[1])
+            monkeypatch.setattr(native, name, recording(getattr(native, name), name, taken))
 
     spy_on_kernels()
     fast = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
     _, original = layer_weights(fast)
     getattr(fast, load)(path, "a")
     assert taken
-    if not variant.startswith("lokr") and native.loha_fused_rank_limit(torch.float16) >= 32:
+    if not variant.startswith("lokr") and native.loha_fused_rank_ok(torch.float16, 32):
         assert "loha_add" in taken  # the layers of 16+ rows and 64+ columns
     monkeypatch.setattr(native, "_state", {"library": None, "reason": "off for this test"})
     slow = lohakr.enable(make_pipe("sdxl", tmp_path, torch.float16), fuse=fuse)
@@ -205,7 +213,7 @@ def test_off_by_environment(monkeypatch):
     assert not native.usable(torch.empty(1, dtype=torch.float16))
     assert native.status() == "native CPU kernels: off, off by LOHAKR_NATIVE=0"
     module, weight = loha_module(False)
-    assert not module.write_patched(torch.empty_like(weight), weight, 1.0)
+    assert not apply.one_pass(torch.empty_like(weight), weight, module, 1.0)
 
 
 def test_no_compiler_and_a_failing_build_fall_back_and_say_why(monkeypatch, tmp_path, caplog):
@@ -227,9 +235,9 @@ def test_no_compiler_and_a_failing_build_fall_back_and_say_why(monkeypatch, tmp_
     # Patching still works, through PyTorch's kernels, with the same bits.
     module, weight = loha_module(False)
     out = torch.empty_like(weight)
-    _write_weight(out, weight, [(None, module, 0.5)], rebuild.Scratch())
+    apply.patch(out, weight, [(module, 0.5)])
     reference = weight.float()
-    module.add_to(reference, 0.5)
+    apply.add_to(reference, module, 0.5)
     assert torch.equal(out, reference.to(weight.dtype))
 
 
@@ -263,7 +271,7 @@ def test_a_dtype_whose_bits_differ_is_not_used(native_on, monkeypatch, caplog):
     assert "differ from PyTorch for torch.float16" in caplog.text
     assert "not used for float16 (LoHa kernel, rows of 1)" in native.status()
     module, weight = loha_module(False)
-    assert not module.write_patched(torch.empty_like(weight), weight, 1.0)
+    assert not apply.one_pass(torch.empty_like(weight), weight, module, 1.0)
 
 
 # -- the fused LoHa kernel (GEMMs, Hadamard product and update in one pass) ----------------------
@@ -336,8 +344,7 @@ def test_fused_loha_kernel_sums_in_rank_order_and_rounds_once(native_on, monkeyp
 def test_fused_loha_kernel_gives_torch_bmm_bits_where_it_is_used(native_on):
     """Where the check before use admits it, the fused kernel gives the bits of the GEMM path:
     ``torch.bmm``, then PyTorch's multiply-add, then one rounding."""
-    limit = native.loha_fused_rank_limit(torch.float16)
-    if limit < 32:
+    if not all(native.loha_fused_rank_ok(torch.float16, rank) for rank in (4, 16, 32)):
         pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
     for rows, width, rank, tucker in [(16, 64, 4, False), (320, 2880, 16, True), (640, 1280, 32, False)]:
         outs, ins, g = fused_case(rows, width, rank, tucker, seed=rank)
@@ -363,17 +370,20 @@ def test_fused_loha_kernel_refuses_factors_that_do_not_fit(native_on):
 
 
 def test_fused_loha_check_limits_the_rank_and_says_so(native_on, monkeypatch):
-    """A machine whose GEMM sums differently from rank 32 on: the fused kernel stays below that
-    rank, ``status()`` says so, and a rank-32 layer takes the GEMM path with the same bits."""
+    """A machine whose GEMM sums differently at rank 32: the fused kernel is not used at that rank,
+    ``status()`` says so, and a rank-32 layer takes the GEMM path with the same bits."""
     monkeypatch.setattr(native, "_state", {"library": native._load(), "reason": "compiled"})
     real = native._fused_check
-    monkeypatch.setattr(native, "_fused_check", lambda dtype, rank: f"rank {rank}: differs (test)" if rank >= 32 else real(dtype, rank))
-    assert native.loha_fused_rank_limit(torch.float16) == 16
-    assert "float16 LoHa GEMMs fused up to rank 16 (rank 32: differs (test))" in native.status()
+    def differs_from_32(dtype, rank):
+        return f"rank {rank}: differs (test)" if rank >= 32 else real(dtype, rank)
+
+    monkeypatch.setattr(native, "_fused_check", differs_from_32)
+    assert native.loha_fused_rank_ok(torch.float16, 16) and not native.loha_fused_rank_ok(torch.float16, 32)
+    assert "float16 LoHa GEMMs fused at rank 16, not at rank 32 (rank 32: differs (test))" in native.status()
     assert native.usable(torch.empty(1, dtype=torch.float16))  # its own check done before the spies
     calls = []
     for name in ("loha_add", "hadamard_add"):
-        monkeypatch.setattr(native, name, lambda *a, _real=getattr(native, name), _name=name: (calls.append(_name), _real(*a)))
+        monkeypatch.setattr(native, name, recording(getattr(native, name), name, calls))
     for rank, taken in ((16, "loha_add"), (32, "hadamard_add")):
         g = torch.Generator().manual_seed(rank)
         module = load_adapter({"lora_unet_x.hada_w1_a": torch.randn(40, rank, generator=g) * 0.1,
@@ -384,10 +394,10 @@ def test_fused_loha_check_limits_the_rank_and_says_so(native_on, monkeypatch):
         weight = (torch.randn(40, 96, generator=g) * 0.02).half()
         calls.clear()
         out = torch.empty_like(weight)
-        assert module.write_patched(out, weight, 0.9)
+        assert apply.one_pass(out, weight, module, 0.9)
         assert calls == [taken]
         reference = weight.float()
-        module.add_to(reference, 0.9)
+        apply.add_to(reference, module, 0.9)
         assert torch.equal(out, reference.half())
 
 
@@ -403,9 +413,9 @@ def test_fused_loha_kernel_is_not_used_below_its_smallest_size(native_on, monkey
                            "lora_unet_x.hada_w2_b": torch.randn(4, width, generator=g)}).modules["lora_unet_x"]
     weight = torch.randn(rows, width, generator=g).half()
     out = torch.empty_like(weight)
-    assert module.write_patched(out, weight, 0.5)
+    assert apply.one_pass(out, weight, module, 0.5)
     reference = weight.float()
-    module.add_to(reference, 0.5)
+    apply.add_to(reference, module, 0.5)
     assert torch.equal(out, reference.half())
 
 
@@ -413,7 +423,7 @@ def test_fused_loha_kernel_is_not_used_below_its_smallest_size(native_on, monkey
 def test_a_stack_takes_the_fused_kernel_with_pytorchs_bits(lycoris_file, tmp_path, monkeypatch, native_on, dtype):
     """Several adapters on one weight are summed in float32 row blocks; there each LoHa's rows take
     the fused kernel in float32, and the weights get PyTorch's kernels' bits."""
-    if native.loha_fused_rank_limit(torch.float32) < 32:
+    if not native.loha_fused_rank_ok(torch.float32, 32):
         pytest.skip(f"this machine's torch.bmm sums in another order; the GEMM path is used ({native.status()})")
     files = [lycoris_file("sdxl", v, "fp16").path for v in ("loha", "loha_tucker", "lokr_f4")]
     assert native.usable(torch.empty(1, dtype=torch.float16))  # its own check done before the spy

@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_diffusers import make_pipe
 
 from lohakr import load_adapter
 from lohakr.loaders.describe import describe_adapter, format_description
 from lohakr.loaders.errors import AdapterFormatError
-from test_diffusers import make_pipe
 
 TARGETS = ["to_q", "to_k", "to_v", "proj_in", "conv1"]
 
@@ -39,7 +39,8 @@ CASES = {
     "loha with patterns": ("loha", dict(r=4, alpha=8, rank_pattern={"attn1.to_q": 2}, alpha_pattern={"to_k": 3})),
     "loha tucker convs": ("loha", dict(r=4, alpha=2, use_effective_conv2d=True)),
     "lokr low-rank w2": ("lokr", dict(r=4, alpha=8)),
-    "lokr all factors full": ("lokr", dict(r=64, alpha=8)),  # PEFT scales α/r here too (docs/format.md#peft-alpha-and-r)
+    # PEFT scales α/r here too (docs/format.md#peft-alpha-and-r)
+    "lokr all factors full": ("lokr", dict(r=64, alpha=8)),
 }
 
 
@@ -110,8 +111,10 @@ def test_a_kohya_file_beside_a_peft_config_keeps_its_own_alpha(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOKR", "r": 1, "alpha": 100}))
     g = torch.Generator().manual_seed(1)
     kohya = folder / "kohya_loha.safetensors"
-    save_file({"lora_unet_x.hada_w1_a": torch.randn(4, 2, generator=g), "lora_unet_x.hada_w1_b": torch.randn(2, 6, generator=g),
-               "lora_unet_x.hada_w2_a": torch.randn(4, 2, generator=g), "lora_unet_x.hada_w2_b": torch.randn(2, 6, generator=g),
+    save_file({"lora_unet_x.hada_w1_a": torch.randn(4, 2, generator=g),
+               "lora_unet_x.hada_w1_b": torch.randn(2, 6, generator=g),
+               "lora_unet_x.hada_w2_a": torch.randn(4, 2, generator=g),
+               "lora_unet_x.hada_w2_b": torch.randn(2, 6, generator=g),
                "lora_unet_x.alpha": torch.tensor(1.0)}, str(kohya))
     adapter = load_adapter(kohya)
     assert adapter.modules["lora_unet_x"].scale == 0.5 and not adapter.scale_source

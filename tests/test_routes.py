@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lohakr.nodes.routes import BadName, checked_lora_path
+from lohakr.nodes.routes import BadNameError, checked_lora_path
 
 LISTED = ["a.safetensors", "sub/b.safetensors"]
 
@@ -16,7 +16,7 @@ def full(name):
 @pytest.mark.parametrize("name", ["../secret.safetensors", "sub/../../etc/passwd", "/etc/passwd", "C:\\x.safetensors",
                                   "..\\x.safetensors", "", "a\x00.safetensors"])
 def test_bad_names_are_refused(name):
-    with pytest.raises(BadName):
+    with pytest.raises(BadNameError):
         checked_lora_path(name, LISTED, full)
 
 

@@ -1,5 +1,5 @@
-"""Test vectors of docs/format.md#test-vectors, exact, including the traps (Tucker orientation, kron padding, fp16 overflow,
-full+full alpha inf, DoRA axes)."""
+"""Test vectors of docs/format.md#test-vectors, exact, including the traps (Tucker orientation, kron
+padding, fp16 overflow, full+full alpha inf, DoRA axes)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def test_js_and_python_block_weights_agree(family):
     js = json.loads(subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True,
                                    check=True).stdout)
     blocks = reference_layout(family).blocks
-    for spec, result in zip(SPECS, js):
+    for spec, result in zip(SPECS, js, strict=True):
         try:
             weights = parse_block_weights(spec, blocks, family)
         except BlockWeightsError:

@@ -6,8 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
-import torch  # noqa: E402
-
+import torch  # noqa: E402,F401  (ComfyUI loads torch before any node)
 from comfy_support import build_tiny_sdxl  # noqa: E402
 
 

@@ -2,20 +2,21 @@
 
 PyTorch has no CPU kernel that multiply-adds a float32 update into a half weight in one pass: the
 exact path widens each row block to float32, multiply-adds and narrows it back, three passes over
-the weight's bytes where a copy makes one (full-SDXL LoKr factor 8: 2.2-3.8x the memory roofline).
-``native_kernels.c`` does the same float32 math in one pass. For LoHa it goes further: the two
+the weight's bytes where a copy makes one.
+``kernels.c`` does the same float32 math in one pass. For LoHa it goes further: the two
 branch GEMMs, their Hadamard product and the update run in one kernel, the branches summed in
-registers in the order this machine's ``torch.bmm`` sums them, never stored (1.3-1.8x faster than
-a GEMM into a buffer and a second pass; float32 weights too). It is compiled on first use with the
+registers in the order this machine's ``torch.bmm`` sums them, never stored (no buffer written and
+read back, as a GEMM and a second pass need; float32 weights too). It is compiled on first use with the
 system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into a per-user cache and called through
 ctypes. A large weight is split across ``torch.get_num_threads()`` OpenMP threads of the runtime
 PyTorch itself loaded (same soname), so no second thread pool spins against PyTorch's.
 
 Safety: before a dtype is patched natively, the kernels' results are compared bit for bit with
 PyTorch's own path on this machine (vector bodies and tails, every kernel; the fused LoHa kernel
-per rank, its float32 sums against ``torch.bmm``'s); any difference and the PyTorch path is used
-for that dtype (or those ranks). No compiler, another CPU (not x86-64 with AVX2), a failed build
-or ``LOHAKR_NATIVE=0``: the PyTorch path, same bits, slower. ``status()`` says which and why.
+per (dtype, rank) before that rank's first use, its float32 sums against ``torch.bmm``'s); any
+difference and the PyTorch path is used for that dtype (or that rank). No compiler, another CPU
+(not x86-64 with AVX2), a failed build or ``LOHAKR_NATIVE=0``: the PyTorch path, same bits,
+slower. ``status()`` says which and why. Why each rank is checked: docs/architecture.md#native-kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor
 
 logger = logging.getLogger("lohakr")
 
-SOURCE = Path(__file__).with_name("native_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O2", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 # Half and bfloat16: a float32 weight is already patched in one pass by PyTorch's own multiply-add
 # (and its broadcast rounding differs from one fma in some layouts). The fused LoHa kernel also
@@ -153,11 +154,13 @@ def status() -> str:
     refused = [f"{str(d).removeprefix('torch.')} ({why})" for d, why in checked.items() if why]  # type: ignore[union-attr]
     line = f"native CPU kernels: on, {_state['reason']}"
     line += f"; not used for {', '.join(refused)}" if refused else ""
-    fused = _state.get("loha_ranks", {})
-    for dtype, (limit, why) in fused.items():  # type: ignore[union-attr]
-        name = str(dtype).removeprefix("torch.")
-        line += f"; {name} LoHa GEMMs fused up to rank {limit}" if limit else f"; {name} LoHa GEMMs not fused"
-        line += f" ({why})" if why else ""
+    by_dtype: dict[str, tuple[list[int], list[str]]] = {}
+    for (dtype, rank), why in sorted(_state.get("loha_ranks", {}).items(), key=lambda item: item[0][1]):  # type: ignore[union-attr]
+        fused, refused = by_dtype.setdefault(str(dtype).removeprefix("torch."), ([], []))
+        (refused.append(f"{rank} ({why})") if why else fused.append(rank))
+    for name, (fused, refused) in by_dtype.items():
+        line += f"; {name} LoHa GEMMs fused at rank {', '.join(map(str, fused)) or 'none'}"
+        line += f", not at rank {'; '.join(refused)}" if refused else ""
     return line
 
 
@@ -220,11 +223,10 @@ def _self_check(dtype: torch.dtype) -> str:
     return ""
 
 
-# Where the fused LoHa kernel is used: ranks it is checked at (a layer of a larger rank takes the
-# GEMM path), and a smallest weight. Below 16 rows or 64 columns this machine's torch.bmm (MKL)
-# switches to kernels that order their sums differently (seen at widths 1-8 and 1-2 rows), and
-# those layers are too small for the fused kernel to matter.
-FUSED_CHECK_RANKS = (1, 2, 3, 5, 8, 16, 32, 64, 128, 192, 256)
+# Where the fused LoHa kernel may be used: each (dtype, rank) is checked against torch.bmm before
+# its first use (``loha_fused_rank_ok``), and a weight must have at least this many rows and
+# columns. Below that this machine's torch.bmm (MKL) switches to kernels that order their sums
+# differently (seen at widths 1-8 and 1-2 rows), and such layers are too small to matter.
 FUSED_MIN_ROWS, FUSED_MIN_WIDTH = 16, 64
 
 
@@ -232,27 +234,23 @@ def loha_fused(dtype: torch.dtype, rows: int, width: int, rank: int) -> bool:
     """True when ``loha_add`` may patch this LoHa layer (weight ``(rows, width)``, GEMM inner size
     ``rank``) with the bits of ``torch.bmm`` followed by PyTorch's multiply-add. Call after
     ``loha_usable``."""
-    return (rows >= FUSED_MIN_ROWS and width >= FUSED_MIN_WIDTH and 1 <= rank
-            and rank <= loha_fused_rank_limit(dtype))
+    return rows >= FUSED_MIN_ROWS and width >= FUSED_MIN_WIDTH and rank >= 1 and loha_fused_rank_ok(dtype, rank)
 
 
-def loha_fused_rank_limit(dtype: torch.dtype) -> int:
-    """The largest rank up to which every checked rank's fused GEMM + update gives, for ``dtype``
-    on this machine, PyTorch's bits (0: none). Checked once per dtype, plain and Tucker
-    (transposed) output factors, row and column tails, a row wider than one packed panel."""
-    ranks = _state.setdefault("loha_ranks", {})
-    if dtype not in ranks:  # type: ignore[operator]
-        limit, problem = 0, ""
-        for rank in FUSED_CHECK_RANKS:
-            problem = _fused_check(dtype, rank)
-            if problem:
-                break
-            limit = rank
+def loha_fused_rank_ok(dtype: torch.dtype, rank: int) -> bool:
+    """Whether the fused GEMM + update gives, for ``dtype`` at exactly this ``rank``, PyTorch's bits
+    on this machine. Checked once per (dtype, rank) per process, before the rank's first use (about
+    a millisecond each; see docs/architecture.md#native-kernels): plain and Tucker (transposed)
+    output factors, row and column tails, rows wider than one packed panel."""
+    checked = _state.setdefault("loha_ranks", {})
+    key = (dtype, rank)
+    if key not in checked:  # type: ignore[operator]
+        problem = _fused_check(dtype, rank)
         if problem:
-            logger.info("lohakr: fused LoHa kernel for %s up to rank %d (%s); larger ranks take the GEMM path",
-                        dtype, limit, problem)
-        ranks[dtype] = (limit, problem)  # type: ignore[index]
-    return ranks[dtype][0]  # type: ignore[index]
+            logger.info("lohakr: fused LoHa kernel not used for %s at rank %d (%s); the GEMM path patches it",
+                        dtype, rank, problem)
+        checked[key] = problem  # type: ignore[index]
+    return not checked[key]  # type: ignore[index]
 
 
 def _fused_check(dtype: torch.dtype, rank: int) -> str:
@@ -261,11 +259,15 @@ def _fused_check(dtype: torch.dtype, rank: int) -> str:
     half/bfloat16 rounding could hide a last-bit difference), then the whole update in ``dtype``."""
     g = torch.Generator().manual_seed(4321 + rank)
     value = 0.3183098861837907
-    cases = [(FUSED_MIN_ROWS, FUSED_MIN_WIDTH, False), (FUSED_MIN_ROWS + 1, FUSED_MIN_WIDTH + 3, True), (35, 200, False)]
-    cases += [(96, 1300, False), (40, 1300, True)] if rank == 32 else []
+    cases = [(FUSED_MIN_ROWS, FUSED_MIN_WIDTH, False), (FUSED_MIN_ROWS + 1, FUSED_MIN_WIDTH + 3, True),
+             (35, 200, False)]
+    cases += [(96, 1300, False), (40, 1300, True)]  # rows wider than one packed panel
     for rows, width, tucker in cases:
         where = f"{rows}x{width}{', Tucker' if tucker else ''}"
-        outs = torch.randn(2, rank, rows, generator=g).transpose(1, 2) if tucker else torch.randn(2, rows, rank, generator=g)
+        if tucker:  # a Tucker factor is stored (r, O): its transposed view
+            outs = torch.randn(2, rank, rows, generator=g).transpose(1, 2)
+        else:
+            outs = torch.randn(2, rows, rank, generator=g)
         ins = torch.randn(2, rank, width, generator=g) * 0.1
         both = torch.bmm(outs, ins)
         for branch in (0, 1):
@@ -301,7 +303,8 @@ def kron_add(out: Tensor, source: Tensor, w1_scaled: Tensor, w2: Tensor) -> None
     library = _load()
     (a, c), (b, k) = w1_scaled.shape, w2.shape
     if out.numel() != a * b * c * k or source.shape != out.shape:
-        raise ValueError(f"Kronecker factors {tuple(w1_scaled.shape)} ⊗ {tuple(w2.shape)} do not fit {tuple(out.shape)}")
+        raise ValueError(f"Kronecker factors {tuple(w1_scaled.shape)} ⊗ {tuple(w2.shape)} do not fit "
+                         f"{tuple(out.shape)}")
     w1_scaled = w1_scaled.contiguous().float()
     w2 = w2.contiguous().float()
     library.lohakr_kron_add(source.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], w1_scaled.data_ptr(),
