@@ -19,7 +19,6 @@ stacking k adapters costs O(k), not O(k²). With ``fuse=True`` nothing is kept (
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -33,15 +32,10 @@ from .errors import FusedAdapterError, FusedPartlyError
 from .fuse import fuse_into_weights
 from .guard import check_layer
 from .names import LayerTarget
-from .originals import AUTO_GPU_MARGIN_BYTES, AUTO_GPU_MARGIN_FRACTION, OriginalStore, layer_of, originals_placement
+from .originals import OriginalStore, layer_of
 from .plan import composed_strength
 from .report import LoadReport
 from .resolve import Match
-
-__all__ = ["AUTO_GPU_MARGIN_BYTES", "AUTO_GPU_MARGIN_FRACTION", "PatchedAdapter", "WeightPatcher",
-           "originals_placement"]
-
-logger = logging.getLogger("lohakr")
 
 
 @dataclass(eq=False)

@@ -187,21 +187,17 @@ class LayerUpdate:
             return (
                 f"ΔW is {_fmt(mine)} but the layer weight is {_fmt(target)}"
             )
-        if self.dora_scale is not None and not self._dora_axis(target):
+        if self.dora_scale is not None and not self.dora_axis(target):
             return (
                 f"dora_scale has shape {_fmt(_shape(self.dora_scale))}, which fits neither axis "
                 f"of the layer weight {_fmt(target)}"
             )
         return None
 
-    def _dora_axis(self, weight_shape: tuple[int, ...]) -> str:
-        return rebuild.dora_axis(
-            _shape(self.dora_scale), tuple(weight_shape), self.dora_prefer_output
-        )
-
     def dora_axis(self, weight_shape: tuple[int, ...]) -> str:
-        """``"out"`` or ``"in"``: the axis this module's DoRA normalises on that weight."""
-        return self._dora_axis(weight_shape)
+        """``"out"`` or ``"in"``: the axis this module's DoRA normalises on that weight (``""``: neither
+        fits; docs/format.md#dora-axis)."""
+        return rebuild.dora_axis(_shape(self.dora_scale), tuple(weight_shape), self.dora_prefer_output)
 
     # -- the product ------------------------------------------------------------------------
     def float_factor(self, key: str, device: Device, cache: FactorCache | None = None) -> Tensor | None:

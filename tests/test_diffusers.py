@@ -426,7 +426,7 @@ def test_unload_after_the_model_moved_copies_back_exactly(lycoris_file, tmp_path
 def test_auto_keeps_originals_on_a_gpu_only_with_room_to_spare(monkeypatch):
     from types import SimpleNamespace
 
-    from lohakr.loaders import patcher
+    from lohakr.loaders import originals
 
     gib = 1 << 30
     gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
@@ -437,15 +437,15 @@ def test_auto_keeps_originals_on_a_gpu_only_with_room_to_spare(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["allocated"])
     memory["free"] = 40 * gib  # 38 GiB left after keeping them: room
-    assert patcher.originals_placement("auto", weights) == {gpu: gpu, cpu: cpu}
+    assert originals.originals_placement("auto", weights) == {gpu: gpu, cpu: cpu}
     memory["free"] = 17 * gib  # 15 GiB left < a fifth of 80 GiB
-    assert patcher.originals_placement("auto", weights)[gpu] == cpu
+    assert originals.originals_placement("auto", weights)[gpu] == cpu
     memory["reserved"], memory["allocated"] = 10 * gib, 4 * gib  # the allocator's cached blocks count as free
-    assert patcher.originals_placement("auto", weights)[gpu] == gpu
+    assert originals.originals_placement("auto", weights)[gpu] == gpu
     memory.update(free=5 * gib, total=12 * gib, reserved=0, allocated=0)  # 3 GiB left < 4 GiB
-    assert patcher.originals_placement("auto", weights)[gpu] == cpu
-    assert patcher.originals_placement("cpu", weights) == {gpu: cpu, cpu: cpu}
-    assert patcher.originals_placement(None, weights) == {gpu: gpu, cpu: cpu}
+    assert originals.originals_placement("auto", weights)[gpu] == cpu
+    assert originals.originals_placement("cpu", weights) == {gpu: cpu, cpu: cpu}
+    assert originals.originals_placement(None, weights) == {gpu: gpu, cpu: cpu}
 
 
 def test_fuse_adds_in_place_keeping_nothing_and_refuses_changes(lycoris_file, tmp_path):
