@@ -345,91 +345,126 @@ def _build_module(
     wd_hint: bool | None,
     zero_alpha_means_rank: bool,
 ) -> LayerUpdate | None:
+    """One module of the file as a ``LayerUpdate``, or ``None`` (recorded in ``adapter.skipped``)
+    when it is not an algorithm lohakr applies."""
     context = where(source, name)
-    kinds = [kind for kind, suffixes in ALGORITHM_SUFFIXES.items() if suffixes & group.keys()]
-    if not kinds:
-        other = sorted({UNSUPPORTED_SUFFIXES[s] for s in group if s in UNSUPPORTED_SUFFIXES})
-        if set(group) <= MODEL_WEIGHT_SUFFIXES:
-            adapter.skipped[name] = "a model's own weight, not an adapter module"
-        elif other:
-            adapter.skipped[name] = f"unsupported algorithm: {', '.join(other)}"
-        else:
-            adapter.skipped[name] = f"unrecognised keys: {', '.join(sorted(group))}"
+    kind = _algorithm(name, group, context, adapter)
+    if kind is None:
         return None
-    if len(kinds) > 1:
-        raise AdapterFormatError(
-            f"{context}mixes {' and '.join(KIND_NAMES[k] for k in kinds)} keys "
-            f"({', '.join(sorted(group))}); one module holds one algorithm"
-        )
-    kind = kinds[0]
-    factors: dict[str, Tensor] = {}
-    alpha: float | None = None
-    scalar: float | None = None
-    dora_scale: Tensor | None = None
-    notes: list[str] = []
-    for suffix, tensor in group.items():
-        if suffix == "alpha":
-            alpha = parse_alpha(tensor, context)
-        elif suffix == "scalar":
-            scalar = parse_alpha(tensor, context)
-            if not math.isfinite(scalar):
-                raise AdapterFormatError(
-                    f"{context}the stored scalar is {scalar}; ΔW is multiplied by it, so the file is corrupt. "
-                    "Nothing was patched"
-                )
-            notes.append(f"has a stored scalar {scalar:g}; ΔW is multiplied by it")
-        elif suffix == "dora_scale":
-            dora_scale = tensor
-        elif suffix == "lokr_t1":
-            notes.append("lokr_t1 is ignored: no LyCORIS version reads it")
-        elif suffix in ALGORITHM_SUFFIXES[kind]:
-            factors[suffix] = tensor
-        else:
-            notes.append(f"ignored unknown key {suffix!r}")
-
-    for suffix, tensor in [*factors.items(), *([("dora_scale", dora_scale)] if dora_scale is not None else [])]:
-        if not tensor.is_floating_point():
-            raise AdapterFormatError(f"{context}{suffix} has dtype {tensor.dtype}; factors must be floating point")
-        if tensor.numel() == 0:
-            raise AdapterShapeError(
-                f"{context}{suffix} has shape {tuple(tensor.shape)}, no values (rank 0?); every factor needs "
-                "at least rank 1. The file is broken"
-            )
-        bad = _nonfinite_count(tensor)
-        if bad:
-            raise AdapterFormatError(
-                f"{context}{suffix} contains {bad} NaN/inf value(s) of {tensor.numel()}; "
-                "the file is corrupt (often a diverged training run). Nothing was patched"
-            )
-
+    parts = _ModuleParts.read(group, kind, context)
+    for suffix, tensor in parts.tensors():
+        _check_factor(suffix, tensor, context)
     module = UPDATE_CLASSES[kind](
         name=name,
-        factors=factors,
-        alpha=alpha,
-        dora_scale=dora_scale,
-        scalar=scalar,
+        factors=parts.factors,
+        alpha=parts.alpha,
+        dora_scale=parts.dora_scale,
+        scalar=parts.scalar,
         source=source,
         dora_prefer_output=True if wd_hint is None else wd_hint,
         zero_alpha_means_rank=zero_alpha_means_rank,
-        notes=notes,
+        notes=parts.notes,
     )
-    if alpha is not None and module.uses_alpha and module.rank is not None:
-        if not math.isfinite(alpha):
-            raise AdapterFormatError(
-                f"{context}alpha is {alpha}; a finite alpha is needed for the scale alpha/rank "
-                f"(rank {module.rank}). The file is corrupt"
-            )
-        if alpha == 0:
-            module.notes.append(
-                "alpha is 0: scale 1 as LyCORIS reads it (zero_alpha_means_rank=True)" if zero_alpha_means_rank else
-                "alpha is 0: scale 0 as in ComfyUI/A1111 (pass zero_alpha_means_rank=True for "
-                "LyCORIS' reading, scale 1)"
-            )
+    _check_alpha(module, context)
     for note in module.notes:
         adapter.warnings.append(f"{context}{note}")
         if "alpha is 0" in note or "scalar" in note:
             warnings.warn(f"{context}{note}", stacklevel=3)
     return module
+
+
+def _algorithm(name: str, group: Mapping[str, Tensor], context: str, adapter: Adapter) -> str | None:
+    """The one algorithm a module's keys belong to; ``None``, with the reason recorded, for model
+    weights, other algorithms and unknown keys."""
+    kinds = [kind for kind, suffixes in ALGORITHM_SUFFIXES.items() if suffixes & group.keys()]
+    if len(kinds) > 1:
+        raise AdapterFormatError(
+            f"{context}mixes {' and '.join(KIND_NAMES[k] for k in kinds)} keys "
+            f"({', '.join(sorted(group))}); one module holds one algorithm"
+        )
+    if kinds:
+        return kinds[0]
+    other = sorted({UNSUPPORTED_SUFFIXES[s] for s in group if s in UNSUPPORTED_SUFFIXES})
+    if set(group) <= MODEL_WEIGHT_SUFFIXES:
+        adapter.skipped[name] = "a model's own weight, not an adapter module"
+    elif other:
+        adapter.skipped[name] = f"unsupported algorithm: {', '.join(other)}"
+    else:
+        adapter.skipped[name] = f"unrecognised keys: {', '.join(sorted(group))}"
+    return None
+
+
+@dataclass
+class _ModuleParts:
+    """A module's keys sorted out: its factors, alpha, stored scalar, DoRA magnitude, notes."""
+
+    factors: dict[str, Tensor] = field(default_factory=dict)
+    alpha: float | None = None
+    scalar: float | None = None
+    dora_scale: Tensor | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, group: Mapping[str, Tensor], kind: str, context: str) -> _ModuleParts:
+        parts = cls()
+        for suffix, tensor in group.items():
+            if suffix == "alpha":
+                parts.alpha = parse_alpha(tensor, context)
+            elif suffix == "scalar":
+                parts.scalar = parse_alpha(tensor, context)
+                if not math.isfinite(parts.scalar):
+                    raise AdapterFormatError(
+                        f"{context}the stored scalar is {parts.scalar}; ΔW is multiplied by it, so the file is "
+                        "corrupt. Nothing was patched"
+                    )
+                parts.notes.append(f"has a stored scalar {parts.scalar:g}; ΔW is multiplied by it")
+            elif suffix == "dora_scale":
+                parts.dora_scale = tensor
+            elif suffix == "lokr_t1":
+                parts.notes.append("lokr_t1 is ignored: no LyCORIS version reads it")
+            elif suffix in ALGORITHM_SUFFIXES[kind]:
+                parts.factors[suffix] = tensor
+            else:
+                parts.notes.append(f"ignored unknown key {suffix!r}")
+        return parts
+
+    def tensors(self) -> list[tuple[str, Tensor]]:
+        """The factors and the DoRA magnitude: what must be non-empty, floating point and finite."""
+        return [*self.factors.items(), *([("dora_scale", self.dora_scale)] if self.dora_scale is not None else [])]
+
+
+def _check_factor(suffix: str, tensor: Tensor, context: str) -> None:
+    if not tensor.is_floating_point():
+        raise AdapterFormatError(f"{context}{suffix} has dtype {tensor.dtype}; factors must be floating point")
+    if tensor.numel() == 0:
+        raise AdapterShapeError(
+            f"{context}{suffix} has shape {tuple(tensor.shape)}, no values (rank 0?); every factor needs "
+            "at least rank 1. The file is broken"
+        )
+    bad = _nonfinite_count(tensor)
+    if bad:
+        raise AdapterFormatError(
+            f"{context}{suffix} contains {bad} NaN/inf value(s) of {tensor.numel()}; "
+            "the file is corrupt (often a diverged training run). Nothing was patched"
+        )
+
+
+def _check_alpha(module: LayerUpdate, context: str) -> None:
+    """A stored alpha that the scale uses must be finite; alpha 0 gets a note on how it is read."""
+    alpha = module.alpha
+    if alpha is None or not module.uses_alpha or module.rank is None:
+        return
+    if not math.isfinite(alpha):
+        raise AdapterFormatError(
+            f"{context}alpha is {alpha}; a finite alpha is needed for the scale alpha/rank "
+            f"(rank {module.rank}). The file is corrupt"
+        )
+    if alpha == 0:
+        module.notes.append(
+            "alpha is 0: scale 1 as LyCORIS reads it (zero_alpha_means_rank=True)" if module.zero_alpha_means_rank
+            else "alpha is 0: scale 0 as in ComfyUI/A1111 (pass zero_alpha_means_rank=True for LyCORIS' reading, "
+            "scale 1)"
+        )
 
 
 def _detect_base_model(adapter: Adapter) -> tuple[str, str]:

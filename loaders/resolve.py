@@ -54,34 +54,10 @@ def resolve(
     matches: list[Match] = []
     patched_by: dict[str, str] = {}  # layer → the module that patches it
     for name, module in adapter.modules.items():
-        target = layout.resolve(name)
-        resolver = "lohakr"
-        if target is None and fallback is not None:
-            target = fallback(name)
-            resolver = fallback_name
-        if target is None:
-            report.outcomes.append(
-                ModuleOutcome(name, "unmatched", guess_block(name), module.kind,
-                              reason="no layer of this model has this name")
-            )
-            continue
-        problem = module.check_target(target.weight_shape)
-        if problem:
-            report.outcomes.append(
-                ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem, resolver)
-            )
-            continue
-        layer = target.host_key or target.key
-        first = patched_by.setdefault(layer, name)
-        if first != name:
-            report.outcomes.append(ModuleOutcome(
-                name, "duplicate", target.block, module.kind, target.key,
-                f"the file also names this layer as {first}, which is applied; a layer is patched once "
-                "(the file names it in two styles)", resolver))
-            continue
-        matches.append(Match(module, target))
-        report.outcomes.append(ModuleOutcome(name, "applied", target.block, module.kind, target.key,
-                                             resolver=resolver))
+        outcome, match = _classify(name, module, layout, fallback, fallback_name, patched_by)
+        report.outcomes.append(outcome)
+        if match is not None:
+            matches.append(match)
     for name, reason in adapter.skipped.items():
         report.outcomes.append(ModuleOutcome(name, "unsupported", guess_block(name), None, reason=reason))
 
@@ -94,6 +70,30 @@ def resolve(
             + "\n".join(f"  {o.module} [{o.status}] {o.reason}" for o in report.not_applied[:20])
         )
     return matches, report
+
+
+def _classify(name: str, module: LayerUpdate, layout: ModelLayout,
+              fallback: Callable[[str], LayerTarget | None] | None, fallback_name: str,
+              patched_by: dict[str, str]) -> tuple[ModuleOutcome, Match | None]:
+    """One module's outcome, and its match when it applies (``patched_by``: layers taken so far)."""
+    target = layout.resolve(name)
+    resolver = "lohakr"
+    if target is None and fallback is not None:
+        target = fallback(name)
+        resolver = fallback_name
+    if target is None:
+        return ModuleOutcome(name, "unmatched", guess_block(name), module.kind,
+                             reason="no layer of this model has this name"), None
+    problem = module.check_target(target.weight_shape)
+    if problem:
+        return ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem, resolver), None
+    first = patched_by.setdefault(target.host_key or target.key, name)
+    if first != name:
+        reason = (f"the file also names this layer as {first}, which is applied; a layer is patched once "
+                  "(the file names it in two styles)")
+        return ModuleOutcome(name, "duplicate", target.block, module.kind, target.key, reason, resolver), None
+    return (ModuleOutcome(name, "applied", target.block, module.kind, target.key, resolver=resolver),
+            Match(module, target))
 
 
 def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: LoadReport) -> None:

@@ -63,20 +63,26 @@ FLOAT32_SAFE = torch.finfo(torch.float32).max / 4
 
 
 def _abs_max(t: Tensor) -> float:
-    """max |t|, as a Python float."""
-    return float(t.detach().abs().amax()) if t.numel() else 0.0
+    """max |t|, as a Python float (one pass, no temporary: an adapter's factors are read once)."""
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t.detach())
+    return max(-float(low), float(high))
 
 
 def _row_sum_max(t: Tensor) -> float:
-    """max over rows of Σ |row| (``t`` folded to 2-D): bounds ``|(t @ x)[i, j]|`` by ``· max |x|``."""
-    rows = t.detach().reshape(t.shape[0], -1).to(torch.float64).abs().sum(dim=1)
-    return float(rows.max()) if rows.numel() else 0.0
+    """max over rows of Σ |row| (``t`` folded to 2-D): bounds ``|(t @ x)[i, j]|`` by ``· max |x|``.
+    Summed in float32 in one kernel, then raised by the most that float32 rounding can have taken."""
+    rows = t.detach().reshape(t.shape[0], -1)
+    if not rows.numel():
+        return 0.0
+    return float(rows.abs().sum(dim=1, dtype=torch.float32).amax()) * (1 + rows.shape[1] * 2.0**-23)
 
 
 def _core_row_sum_max(core: Tensor) -> float:
     """``max_i Σ_j max_k |core[i, j, k…]|``: a Tucker core's part of a rebuild's bound."""
-    folded = core.detach().reshape(core.shape[0], core.shape[1], -1).to(torch.float64).abs().amax(dim=2)
-    return float(folded.sum(dim=1).max())
+    folded = core.detach().reshape(core.shape[0], core.shape[1], -1).abs().amax(dim=2)
+    return _row_sum_max(folded)
 
 
 def bound_product(*bounds: float) -> float:
@@ -262,13 +268,27 @@ def _need(module_name: str, source: str | None, factors: dict[str, Tensor], *key
 
 
 def _inner(module: LayerUpdate, left: str, right: str, left_dim: int, right_dim: int) -> None:
-    """Check that two chained factors agree on their shared (rank) dimension."""
+    """Check that two chained factors agree on their shared (rank) dimension, and that an output
+    factor has the shape its product needs: ``(out, rank)`` (trailing 1s of a conv allowed) in a
+    plain chain, exactly ``(rank, out)`` beside a Tucker core."""
     a, b = module.factors[left], module.factors[right]
     if a.dim() <= left_dim or b.dim() <= right_dim or a.shape[left_dim] != b.shape[right_dim]:
         raise AdapterShapeError(
             f"{where(module.source, module.name)}rank mismatch: {left} {_fmt(_shape(a))} does not "
             f"chain with {right} {_fmt(_shape(b))}"
         )
+    if (right.endswith("_b") or right == "lora_down.weight") and b.dim() < 2:
+        raise AdapterShapeError(f"{where(module.source, module.name)}{right} has shape {_fmt(_shape(b))}; an input "
+                                "factor is (rank, in…)")
+    output_factor, expected = (a, "(out, rank)") if left_dim == 1 else (b, "(rank, out) beside a Tucker core")
+    name = left if left_dim == 1 else right
+    is_output = name.endswith("_a") or name == "lora_up.weight"
+    if is_output and (output_factor.dim() < 2 if left_dim == 1 else output_factor.dim() != 2):
+        raise AdapterShapeError(f"{where(module.source, module.name)}{name} has shape {_fmt(_shape(output_factor))}; "
+                                f"an output factor is {expected}")
+    if is_output and left_dim == 1 and any(d != 1 for d in output_factor.shape[2:]):
+        raise AdapterShapeError(f"{where(module.source, module.name)}{name} has shape {_fmt(_shape(output_factor))}; "
+                                f"an output factor is {expected}, with only 1s after that")
 
 
 @dataclass(eq=False)
@@ -398,6 +418,10 @@ class LokrUpdate(LayerUpdate):
                 f"{where(self.source, self.name)}has both lokr_w2 and lokr_w2_a/_b; it is "
                 "ambiguous which one is meant"
             )
+        for key in ("lokr_w1", "lokr_w2"):
+            if key in f and f[key].dim() < 2:
+                raise AdapterShapeError(f"{where(self.source, self.name)}{key} has shape {_fmt(_shape(f[key]))}; a "
+                                        "Kronecker factor has at least two dimensions (rows, columns…)")
         if "lokr_w1" not in f:
             _need(self.name, self.source, f, "lokr_w1_a", "lokr_w1_b")
             _inner(self, "lokr_w1_a", "lokr_w1_b", 1, 0)
