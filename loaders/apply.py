@@ -53,12 +53,15 @@ class Workspace:
 
 
 # -- the entry ---------------------------------------------------------------------------------------
-@torch.no_grad()
 def patch(out: Tensor, source: Tensor, contributions: Sequence[Contribution],
           workspace: Workspace | None = None) -> None:
     """``out = source + every contribution``, in float32, cast once into ``out``'s dtype. ``out``
     and ``source`` have the same shape and dtype; ``out`` may be ``source`` (in place). Plain
-    updates are summed in the order given; DoRA ones rescale what comes before them."""
+    updates are summed in the order given; DoRA ones rescale what comes before them. Never
+    recorded by autograd (a host may call it with grad enabled)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return patch(out, source, contributions, workspace)
     workspace = workspace or Workspace()
     shape = tuple(out.shape)
     contributions = [(update, strength) for update, strength in contributions if strength != 0]
@@ -244,24 +247,23 @@ def patched_weight(update: LayerUpdate, base: Tensor, strength: float = 1.0, dev
     return work.to(base.dtype)
 
 
-@torch.no_grad()
 def write_bias(layer: nn.Module, original: Tensor, contributions: Sequence[Contribution], in_place: bool) -> None:
     """The layer's bias: ``original + Σ μ·s·diff_b`` over the updates that carry one (float32, cast
     once), or the original itself when none does. New storage unless ``in_place`` or the live bias
     is already patched (no longer the original)."""
     bias = layer.bias
-    work = None
-    for update, strength in contributions:
-        if update.has_bias_delta and strength != 0:
-            if work is None:
-                work = original.to(device=bias.device, dtype=torch.float32, copy=True)
-            work.add_(update.bias_delta(bias.device), alpha=strength)
-    if work is None:
+    deltas = [(update, strength) for update, strength in contributions if update.has_bias_delta and strength != 0]
+    if not deltas:
         restore(bias, original)
-    elif not in_place and shares_memory(bias, original):
-        bias.data = work.to(bias.dtype)
-    else:
-        bias.copy_(work)
+        return
+    with torch.no_grad():
+        work = original.to(device=bias.device, dtype=torch.float32, copy=True)
+        for update, strength in deltas:
+            work.add_(update.bias_delta(bias.device), alpha=strength)
+        if not in_place and shares_memory(bias, original):
+            bias.data = work.to(bias.dtype)
+        else:
+            bias.copy_(work)
 
 
 def shares_memory(live: Tensor, original: Tensor) -> bool:
@@ -269,7 +271,6 @@ def shares_memory(live: Tensor, original: Tensor) -> bool:
     return live.device == original.device and live.data_ptr() == original.data_ptr()
 
 
-@torch.no_grad()
 def restore(param: Tensor, original: Tensor) -> None:
     """Put the original values back: by swapping the storage in when it fits the parameter as it is
     now (no copy, bit-identical), else by copying (the model moved or changed dtype since)."""
@@ -279,7 +280,8 @@ def restore(param: Tensor, original: Tensor) -> None:
             param.device, param.dtype, param.shape, param.stride()):
         param.data = original
     else:
-        param.copy_(original)
+        with torch.no_grad():
+            param.copy_(original)
 
 
 # -- per-algorithm pieces ----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import torch
+
 from . import apply
 from .apply import Contribution, Workspace
 from .errors import FusedPartlyError
@@ -27,14 +29,15 @@ def fuse_into_weights(name: str, targets: Sequence[LayerTarget], contributions: 
         check_layer(target.key, weight, weight, contributions[target.key], workspace)
     done = 0
     try:
-        for target in progress(targets) if progress else targets:
-            layer = layer_of(target)
-            weight = layer.weight.detach()
-            apply.patch(weight, weight, contributions[target.key], workspace)
-            bias = getattr(layer, "bias", None)
-            if bias is not None:
-                apply.write_bias(layer, bias.detach(), contributions[target.key], in_place=True)
-            done += 1
+        with torch.no_grad():
+            for target in progress(targets) if progress else targets:
+                layer = layer_of(target)
+                weight = layer.weight.detach()
+                apply.patch(weight, weight, contributions[target.key], workspace)
+                bias = getattr(layer, "bias", None)
+                if bias is not None:
+                    apply.write_bias(layer, bias.detach(), contributions[target.key], in_place=True)
+                done += 1
     except BaseException as err:
         if done:
             raise FusedPartlyError(

@@ -9,6 +9,7 @@ appear under in a file: kohya diffusers-style (``lora_unet_down_blocks_…``), k
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class LayerTarget:
     sgm_path: str | None = None
     host_key: str | None = None  # the host's own key for this weight (ComfyUI state-dict key)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """``component.path``, unique in the layout (``unet.down_blocks.1.attentions.0…``)."""
         return f"{self.component}.{self.path}"

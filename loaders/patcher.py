@@ -224,14 +224,15 @@ class WeightPatcher:
             live = layer_of(target).weight
             if kept is not None and index.get(target.key) and apply.shares_memory(live, kept.weight):
                 new_storage[target.key] = torch.empty_like(live)
-        for target in progress(targets) if progress else targets:
-            if self.originals.get(target.key) is None:
-                continue
-            contributions = index.get(target.key)
-            if contributions:
-                self._write_layer(target, contributions, workspace, new_storage.pop(target.key, None))
-            else:
-                self.originals.put_back(target)
+        with torch.no_grad():
+            for target in progress(targets) if progress else targets:
+                if self.originals.get(target.key) is None:
+                    continue
+                contributions = index.get(target.key)
+                if contributions:
+                    self._write_layer(target, contributions, workspace, new_storage.pop(target.key, None))
+                else:
+                    self.originals.put_back(target)
 
     def _write_layer(self, target: LayerTarget, contributions: list[Contribution], workspace: Workspace,
                      storage: Tensor | None) -> None:

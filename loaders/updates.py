@@ -33,10 +33,10 @@ class FactorCache:
     everything on every call."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, str, str], object] = {}
+        self._entries: dict[tuple[int, str, Device], object] = {}
 
     def get(self, update: LayerUpdate, what: str, device: Device, build: Callable[[], object]):
-        key = (id(update), what, str(device))
+        key = (id(update), what, device)
         if key not in self._entries:
             self._entries[key] = build()
         return self._entries[key]
@@ -111,6 +111,7 @@ class LayerUpdate:
     notes: list[str] = field(default_factory=list)
     config_rank: int | None = None  # PEFT's r from adapter_config.json: divides alpha in every case
     _bound: float | None = field(default=None, init=False, repr=False)  # update_bound(), once computed
+    _fitting: set[tuple[int, ...]] = field(default_factory=set, init=False, repr=False)  # shapes check_shape passed
 
     kind: ClassVar[str] = ""
     uses_alpha: ClassVar[bool] = True
@@ -219,10 +220,14 @@ class LayerUpdate:
         raise NotImplementedError
 
     def check_shape(self, weight_shape: tuple[int, ...]) -> None:
-        """Raise ``AdapterShapeError`` (file and module named) if this cannot patch that weight."""
+        """Raise ``AdapterShapeError`` (file and module named) if this cannot patch that weight.
+        A shape that passed once is remembered: every patch of a layer checks it again."""
+        if weight_shape in self._fitting:
+            return
         problem = self.check_target(weight_shape)
         if problem:
             raise AdapterShapeError(f"{where(self.source, self.name)}{problem}")
+        self._fitting.add(tuple(weight_shape))
 
     @property
     def row_alignment(self) -> int:
