@@ -12,7 +12,9 @@ import contextlib
 import logging
 import os
 import types
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter import KIND_NAMES, Adapter, load_adapter
@@ -82,14 +84,25 @@ class LycorisLoaderMixin:
         block_weights: str | Mapping[str, float] | BlockWeights | None = None,
     ) -> None:
         """Change an adapter's strengths or block weights, recomputing from the kept factors and
-        originals (the file is not read again). Arguments left ``None`` keep their value."""
+        originals (the file is not read again). Arguments left ``None`` keep their value.
+
+        ``strength`` as a number sets every component (UNet and text encoders) to it; as a dict
+        (``{"unet": 0.6}``) it changes only the components it names. ``text_encoder_strength`` sets
+        both text encoders. Every component whose strength changes is logged (INFO)."""
         patcher = _patcher(self)
         adapter = _get(patcher, adapter_name)
         patcher.check_changeable(adapter_name, "change its strength")
         new_strength = new_weights = None
         if strength is not None or text_encoder_strength is not None:
-            base = strength if strength is not None else adapter.component_strength
-            new_strength = component_strengths(base, text_encoder_strength)
+            if strength is None or isinstance(strength, Mapping):
+                named = component_strengths(strength or {}, text_encoder_strength, only_named=True)
+                new_strength = {**adapter.component_strength, **named}
+            else:
+                new_strength = component_strengths(strength, text_encoder_strength)
+            changed = [f"{c} {adapter.component_strength.get(c, 1.0):g} → {v:g}" for c, v in new_strength.items()
+                       if v != adapter.component_strength.get(c, 1.0)]
+            if changed:
+                logger.info("lohakr: %s: strength %s", adapter_name, ", ".join(changed))
         if block_weights is not None:
             new_weights = parse_block_weights(block_weights, adapter.report.blocks, adapter.report.model_family)
         patcher.update(adapter_name, _progress(self, f"lohakr: {adapter_name}", len(adapter.matches)),
@@ -126,20 +139,42 @@ class LycorisLoaderMixin:
         with _patcher(self).batch(lambda total: _progress(self, "lohakr: batch", total)):
             yield
 
-    def lycoris_adapters(self) -> list[dict[str, Any]]:
-        """The loaded adapters: name, source, strengths, block weights and load report."""
-        return [
-            {
-                "name": a.name,
-                "source": a.report.source,
-                "strength": dict(a.component_strength),
-                "block_weights": a.block_weights.spec,
-                "applied": len(a.matches),
-                "fused": a.fused,
-                "report": a.report,
-            }
-            for a in _patcher(self)
-        ]
+    def lycoris_adapters(self) -> list[LoadedAdapter]:
+        """The loaded adapters, in brief (one line each when printed): name, algorithms, modules
+        applied of the file's, strengths, block weights, fused; the full load report is ``.report``."""
+        return [LoadedAdapter.of(a) for a in _patcher(self)]
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One loaded adapter in brief. Fields read as attributes or as keys (``a["strength"]``)."""
+
+    name: str
+    algorithms: str
+    applied: int
+    modules: int
+    strength: dict[str, float]
+    block_weights: str
+    fused: bool
+    source: str
+    report: LoadReport = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, adapter: PatchedAdapter) -> LoadedAdapter:
+        kinds = Counter(o.kind for o in adapter.report.applied)
+        algorithms = " + ".join(f"{KIND_NAMES[k]}" for k, _ in kinds.most_common()) or "nothing"
+        return cls(adapter.name, algorithms, len(adapter.matches), len(adapter.report.outcomes),
+                   dict(adapter.component_strength), adapter.block_weights.spec, adapter.fused,
+                   adapter.report.source, adapter.report)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __str__(self) -> str:
+        strengths = ", ".join(f"{c} {v:g}" for c, v in self.strength.items())
+        extra = (f"; block weights {self.block_weights}" if self.block_weights else "") + (
+            "; fused" if self.fused else "")
+        return f"{self.name}: {self.algorithms}, {self.applied}/{self.modules} modules applied; {strengths}{extra}"
 
 
 def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = False) -> Any:
@@ -169,15 +204,18 @@ def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = Fa
     return pipe
 
 
-def component_strengths(strength: Strength, text_encoder_strength: float | None) -> dict[str, float]:
-    """Per-component multipliers from the user's ``strength`` / ``text_encoder_strength``."""
+def component_strengths(strength: Strength, text_encoder_strength: float | None,
+                        only_named: bool = False) -> dict[str, float]:
+    """Per-component multipliers from the user's ``strength`` / ``text_encoder_strength``; with
+    ``only_named`` a dict gives just the components it names (others are not filled with 1)."""
     if isinstance(strength, Mapping):
         unknown = set(strength) - set(COMPONENTS)
         if unknown:
             raise LohakrError(
                 f"unknown component(s) {', '.join(sorted(unknown))} in strength; use {', '.join(COMPONENTS)}"
             )
-        result = {c: check_strength(strength.get(c, 1.0), f"strength[{c!r}]") for c in COMPONENTS}
+        result = {c: check_strength(strength.get(c, 1.0), f"strength[{c!r}]") for c in COMPONENTS
+                  if not only_named or c in strength}
     else:
         result = {c: check_strength(strength) for c in COMPONENTS}
     if text_encoder_strength is not None:

@@ -554,3 +554,30 @@ def test_a_load_takes_every_new_weight_storage_before_any_working_buffer(lycoris
     assert len(patched) > 10
     for key in patched:
         assert allocated_at[layout.targets[key].layer.weight.data_ptr()] < first_layer, key
+
+
+def test_a_strength_dict_changes_only_the_components_it_names_and_says_so(lycoris_file, tmp_path, caplog):
+    pipe = make_pipe("sdxl", tmp_path)
+    path = lycoris_file("sdxl", "lokr").path
+    pipe.load_lokr(path, "char", strength={"unet": 1.0, "text_encoder": 0.5, "text_encoder_2": 0.0})
+    with caplog.at_level(logging.INFO, logger="lohakr"):
+        pipe.set_lycoris_strength("char", {"unet": 0.6})
+    assert pipe.lycoris_adapters()[0].strength == {"unet": 0.6, "text_encoder": 0.5, "text_encoder_2": 0.0}
+    assert "char: strength unet 1 → 0.6" in caplog.text and "text_encoder" not in caplog.text.split("strength")[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lohakr"):
+        pipe.set_lycoris_strength("char", 0.8)  # a number: every component
+    assert pipe.lycoris_adapters()[0].strength == {"unet": 0.8, "text_encoder": 0.8, "text_encoder_2": 0.8}
+    assert "unet 0.6 → 0.8, text_encoder 0.5 → 0.8, text_encoder_2 0 → 0.8" in caplog.text
+
+
+def test_loaded_adapters_print_in_one_line_each_with_the_report_one_attribute_away(lycoris_file, tmp_path):
+    pipe = make_pipe("sdxl", tmp_path)
+    pipe.load_loha(lycoris_file("sdxl", "loha").path, "style", strength=0.7, block_weights="OUT=0")
+    pipe.load_lokr(lycoris_file("sdxl", "lokr").path, "char")
+    adapters = pipe.lycoris_adapters()
+    text = "\n".join(str(a) for a in adapters)
+    assert len(text.splitlines()) == 2 and len(repr(adapters)) < 1000
+    assert str(adapters[0]).startswith("style: LoHa, ") and "block weights OUT=0" in str(adapters[0])
+    char = adapters[1]
+    assert char.report.complete and char["applied"] == char.modules == len(char.report.outcomes)
