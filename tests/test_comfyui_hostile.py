@@ -179,3 +179,20 @@ def test_patching_with_grad_enabled_on_weights_that_require_grad(loras, kind):
     expected = load_adapter(loras / name).modules[kohya(K)].patched_weight(original, 0.7)
     assert torch.equal(new_model.model.state_dict()[key].detach(), expected)
     new_model.unpatch_model()
+
+
+def test_the_lazy_patch_itself_refuses_to_write_non_finite_values(loras):
+    """The second line of defence: a patch computed later by ComfyUI (another node's stack, a
+    changed weight) that would overflow raises instead of returning NaN/inf."""
+    from lohakr import load_adapter
+    from lohakr.nodes.comfy_bridge import weight_adapter_class
+
+    module = load_adapter(lokr("m", (32, 32), value=1e20)).modules["m"]
+    patch = weight_adapter_class()(module, (32, 32), False, torch.float16)
+    weight = torch.zeros(32, 32)
+    with pytest.raises(NonFiniteUpdateError, match="patching x.weight at strength 1 would write NaN/inf"):
+        patch.calculate_weight(weight, "x.weight", 1.0, 1.0, None, None)
+    fine = load_adapter(lokr("m", (32, 32))).modules["m"]
+    result = weight_adapter_class()(fine, (32, 32), False, torch.float16).calculate_weight(
+        torch.zeros(32, 32), "x.weight", 1.0, 1.0, None, None)
+    assert torch.isfinite(result).all() and result.abs().max() > 0
