@@ -5,7 +5,8 @@ As a ComfyUI custom node pack (this folder in ``custom_nodes/``): the nodes of `
 frontend in ``web/``. Importing does no work and imports neither comfy nor diffusers.
 """
 
-from .loaders import *  # noqa: F401,F403
+from typing import Any
+
 from .loaders import __all__ as _loader_api
 from .nodes import registration as _registration
 
@@ -14,3 +15,12 @@ WEB_DIRECTORY = "./web"
 
 globals().update(_registration())
 __all__ = [*_loader_api, "__version__", "WEB_DIRECTORY"]
+
+
+def __getattr__(name: str) -> Any:
+    """The loader's public names (``lohakr.enable``, ``lohakr.load_adapter``…), imported on first use."""
+    if name in _loader_api:
+        from . import loaders
+
+        return getattr(loaders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,19 +15,25 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from . import peft_config
 from .errors import AdapterFormatError, AdapterShapeError, where
+from .lazy import lazy_module
 from .metadata import (
     BASE_MODEL_NAMES,
     AdapterMetadata,
     base_model_from_names,
     base_model_from_widths,
 )
-from .updates import UPDATE_CLASSES, LayerUpdate
+from .stored import StoredTensor, read_header
+from .updates import FLOAT32_MAX, UPDATE_CLASSES, LayerUpdate
+
+torch = lazy_module("torch")
+
+if TYPE_CHECKING:
+    import torch  # noqa: F811
+    from torch import Tensor
 
 # Suffixes of the algorithms we apply, per kind.
 ALGORITHM_SUFFIXES: dict[str, frozenset[str]] = {
@@ -92,16 +98,20 @@ def split_key(key: str) -> tuple[str, str]:
     return module, suffix
 
 
-def parse_alpha(tensor: Tensor, context: str) -> float:
+def parse_alpha(tensor: Tensor | StoredTensor, context: str) -> float:
     """Alpha from a tensor of any dtype (fp16/bf16/fp32/int64) and any one-element shape."""
     if tensor.numel() != 1:
         raise AdapterFormatError(
             f"{context}alpha has shape {tuple(tensor.shape)}; expected one value"
         )
+    if isinstance(tensor, StoredTensor):
+        return tensor.first_value()
     return float(tensor.reshape(-1)[0].item())
 
 
-def _nonfinite_count(t: Tensor) -> int:
+def _nonfinite_count(t: Tensor | StoredTensor) -> int:
+    if isinstance(t, StoredTensor):
+        return t.nonfinite_count()
     if not t.is_floating_point():
         return 0
     return int((~torch.isfinite(t)).sum().item())
@@ -119,6 +129,7 @@ class Adapter:
     base_model: str = "unknown"
     base_model_evidence: str = ""
     scale_source: str = ""  # where alpha came from when not from the weights (a PEFT config)
+    header_only: bool = False  # read by read_adapter_header: for inspection, cannot patch
 
     @property
     def name(self) -> str:
@@ -153,8 +164,30 @@ class Adapter:
         return line
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read every tensor and the header metadata; refuse pickles and broken files clearly."""
+def _read_safetensors(path: str, header_only: bool = False
+                      ) -> tuple[dict[str, Tensor] | dict[str, StoredTensor], dict[str, str]]:
+    """Read every tensor (or, ``header_only``, what the header says of each) and the header
+    metadata; refuse pickles and broken files clearly."""
+    header_length, size = _container(path)
+    if header_only:
+        return read_header(path, header_length, size)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as reader:
+            metadata = dict(reader.metadata() or {})
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise AdapterFormatError(
+            f"{path}: not a readable safetensors file ({err}). The file may be truncated or "
+            "corrupt; re-download it"
+        ) from err
+    return tensors, metadata
+
+
+def _container(path: str) -> tuple[int, int]:
+    """The header length and file size of a safetensors file; refuses folders, pickles and files
+    whose first bytes are not a safetensors header."""
     if os.path.isdir(path):
         raise AdapterFormatError(
             f"{path}: is a folder, not a file. Pass the .safetensors adapter file itself"
@@ -186,18 +219,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
             f"{path}: not a safetensors file (its header is missing or truncated). "
             "Check that the download finished; lohakr reads .safetensors adapters only"
         )
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as reader:
-            metadata = dict(reader.metadata() or {})
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise AdapterFormatError(
-            f"{path}: not a readable safetensors file ({err}). The file may be truncated or "
-            "corrupt; re-download it"
-        ) from err
-    return tensors, metadata
+    return header_len, size
 
 
 def _folder_hint(path: str) -> str:
@@ -229,6 +251,7 @@ def load_adapter(
     metadata: Mapping[str, str] | None = None,
     zero_alpha_means_rank: bool = False,
     peft_config: Mapping | str | os.PathLike | None = None,
+    header_only: bool = False,
 ) -> Adapter:
     """Parse a LoHa/LoKr (or mixed LyCORIS) adapter from a ``.safetensors`` path or a state dict.
 
@@ -238,17 +261,20 @@ def load_adapter(
     (scale 1) instead of ComfyUI/A1111's scale 0. A PEFT file's alpha and r come from
     ``peft_config`` (its ``adapter_config.json``, a path or a dict), by default the one beside
     the file; without one the scale is unknown, 1 is used and a warning says so.
+
+    ``header_only`` (a path only) reads the header and the few values it needs, without torch:
+    the same modules, checks and description, fast, but the adapter cannot patch anything.
     """
     if isinstance(path_or_state_dict, Mapping):
         source = "<state dict>"
         tensors = dict(path_or_state_dict)
         header: dict[str, str] = {}
         for key, value in tensors.items():
-            if not isinstance(value, Tensor):
+            if not isinstance(value, torch.Tensor):
                 raise AdapterFormatError(f"{source}: value of {key!r} is {type(value).__name__}, not a tensor")
     else:
         source = resolve_adapter_path(path_or_state_dict)
-        tensors, header = _read_safetensors(source)
+        tensors, header = _read_safetensors(source, header_only)
     if metadata:
         header = {**header, **{str(k): str(v) for k, v in metadata.items()}}
     if not tensors:
@@ -257,7 +283,8 @@ def load_adapter(
     info = AdapterMetadata(header, source=source)
     wd_hint = info.wd_on_output
     groups: dict[str, dict[str, Tensor]] = {}
-    adapter = Adapter(source=source, modules={}, metadata=info, warnings=list(info.problems))
+    adapter = Adapter(source=source, modules={}, metadata=info, warnings=list(info.problems),
+                      header_only=header_only and not isinstance(path_or_state_dict, Mapping))
     for key, tensor in tensors.items():
         if key.startswith("bundle_emb."):
             adapter.skipped.setdefault("bundle_emb", "bundled textual-inversion embeddings (not a layer)")
@@ -278,8 +305,6 @@ def load_adapter(
     adapter.base_model, adapter.base_model_evidence = _detect_base_model(adapter)
     return adapter
 
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_scale(module: LayerUpdate, context: str) -> None:

@@ -12,7 +12,7 @@ from .errors import LohakrError
 
 
 def _info(args: argparse.Namespace) -> int:
-    adapter = load_adapter(args.file)
+    adapter = load_adapter(args.file, header_only=True)  # no torch: a description in well under a second
     description = describe_adapter(adapter, top_tags=args.tags)
     family = args.model
     if family == "auto":
@@ -26,19 +26,24 @@ def _info(args: argparse.Namespace) -> int:
         json.dump({"adapter": description, "coverage": coverage}, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
         return 0
+    for warning in (coverage or {}).get("warnings", []):  # before anything else: it changes the reading
+        print(f"warning: {warning}")
     print(format_description(description))
     if coverage is not None:
         print()
-        print(format_coverage(coverage))
+        print(format_coverage(coverage, with_warnings=False))
     elif args.model == "auto":
         print("\n(base model unknown: pass --model sdxl or --model sd1 to see the coverage)")
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _demo(options: list[str]) -> int:
+    from .demo import add_demo_arguments, run_demo
 
-    return run_demo(args)
+    parser = argparse.ArgumentParser(prog="python -m lohakr demo",
+                                     description="Patch a tiny SDXL pipeline with a LoHa and a LoKr; save a picture.")
+    add_demo_arguments(parser)
+    return run_demo(parser.parse_args(options))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,20 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.add_argument("--tags", type=int, default=10, help="how many top trigger tags to show")
     info.set_defaults(run=_info)
-    try:
-        from .demo import add_demo_arguments
-    except ImportError:  # pragma: no cover
-        add_demo_arguments = None
-    if add_demo_arguments is not None:
-        demo = sub.add_parser("demo", help="patch a tiny SDXL pipeline with LoHa and LoKr, save a grid")
-        add_demo_arguments(demo)
-        demo.set_defaults(run=_demo)
+    # The demo's own options are parsed when it runs: its module imports torch and diffusers, which
+    # `info` does without (a description in well under a second).
+    demo = sub.add_parser("demo", add_help=False, help="patch a tiny SDXL pipeline with LoHa and LoKr, save a picture "
+                          "(python -m lohakr demo --help for its options)")
+    demo.add_argument("options", nargs=argparse.REMAINDER)
+    demo.set_defaults(run=lambda args: _demo(args.options))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["demo"]:  # every option (--help too) is the demo's own
+            return _demo(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except LohakrError as err:
         print(f"error: {err}", file=sys.stderr)

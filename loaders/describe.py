@@ -84,8 +84,12 @@ def describe_coverage(adapter: Adapter, layout: ModelLayout) -> dict[str, Any]:
 
 
 def format_description(d: dict[str, Any]) -> str:
-    """Readable text for a ``describe_adapter`` dict."""
+    """Readable text for a ``describe_adapter`` dict: warnings and what is not applicable first."""
     lines = [f"{d['name']}  ({d['source']}, {d['size_mb']} MB)"]
+    for warning in d["warnings"]:
+        lines.append(f"  warning     {warning}")
+    for name, reason in d["skipped"].items():
+        lines.append(f"  skipped     {name}: {reason}")
     algos = ", ".join(f"{n} {k}" for k, n in d["algorithms"].items()) or "none"
     lines.append(f"  modules     {d['modules']}: {algos}")
     lines.append(f"  base model  {d['base_model_name']} ({d['base_model_evidence']})")
@@ -107,30 +111,36 @@ def format_description(d: dict[str, Any]) -> str:
         lines.append(f"  args        {args}")
     if d["top_tags"]:
         lines.append("  top tags    " + ", ".join(f"{t} ({n})" for t, n in d["top_tags"]))
-    for name, reason in d["skipped"].items():
-        lines.append(f"  skipped     {name}: {reason}")
-    for warning in d["warnings"]:
-        lines.append(f"  warning     {warning}")
     return "\n".join(lines)
 
 
-def format_coverage(c: dict[str, Any]) -> str:
+def format_coverage(c: dict[str, Any], with_warnings: bool = True) -> str:
+    """Readable text for a ``describe_coverage`` dict: counts per block, what each column means,
+    the modules not applied."""
     if "error" in c:
         return f"  error: {c['error']}"
     counts = c["counts"]
     total = sum(counts.values())
     lines = [f"coverage on {c['model_family']}: {counts.get('applied', 0)}/{total} modules apply"]
-    lines.append(f"  {'block':<7}{'applied':>10}{'unmatched':>11}{'mismatched':>12}{'unsupported':>13}")
+    if with_warnings:
+        lines += [f"  warning: {warning}" for warning in c.get("warnings", [])[:5]]
+    columns = f"{'applied':>10}{'unmatched':>11}{'mismatched':>12}{'unsupported':>13}{'duplicate':>11}"
+    lines.append(f"  {'block':<7}{columns}")
     for block, row in c["by_block"].items():
+        if not any(row.values()):
+            continue
         lines.append(f"  {block:<7}{row['applied']:>10}{row['unmatched']:>11}{row['mismatched']:>12}"
-                     f"{row['unsupported']:>13}")
+                     f"{row['unsupported']:>13}{row.get('duplicate', 0):>11}")
+    lines.append("  applied: patches a layer of this model; unmatched: names no layer; mismatched: the layer's "
+                 "shape differs;\n  unsupported: an algorithm lohakr does not apply; duplicate: a layer the file "
+                 "names twice (applied once).")
+    if "?" in c["by_block"]:
+        lines.append("  block ?: modules whose names belong to no block of this model (see unmatched).")
     missing = [o for o in c["outcomes"] if o["status"] != "applied"]
     for o in missing[:15]:
         lines.append(f"  {o['module']} [{o['status']}] {o['reason']}")
     if len(missing) > 15:
         lines.append(f"  … and {len(missing) - 15} more")
-    for warning in c.get("warnings", [])[:5]:
-        lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 
 

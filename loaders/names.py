@@ -13,8 +13,14 @@ import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+from .lazy import lazy_module
+
+nn = lazy_module("torch.nn")
+
+if TYPE_CHECKING:
+    from torch import nn  # noqa: F811
 
 RESNET_TO_SGM = {
     "norm1": "in_layers.0",
@@ -34,7 +40,6 @@ TOP_LEVEL_TO_SGM = {
     "conv_out": "out.2",
 }
 SGM_TO_RESNET = {v: k for k, v in RESNET_TO_SGM.items()}
-PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TEXT_ENCODER_PREFIXES = {
     ("sd", "text_encoder"): ("lora_te_", "lora_te1_"),
     ("sdxl", "text_encoder"): ("lora_te1_", "lora_te_"),
@@ -142,9 +147,33 @@ class ModelLayout:
         return layout
 
 
+    def to_table(self) -> dict:
+        """The layout as data (no live layers): family, blocks, and per layer its component, path,
+        weight shape, block and SGM path. ``from_table`` rebuilds every alias from it."""
+        rows = [[t.component, t.path, list(t.weight_shape), t.block, t.sgm_path] for t in self.targets.values()]
+        return {"family": self.family, "blocks": list(self.blocks), "layers": rows}
+
+    @classmethod
+    def from_table(cls, table: Mapping) -> ModelLayout:
+        """A layout from ``to_table``'s data: the same names resolve to the same shapes and blocks,
+        without building a model (``python -m lohakr info`` uses the tables of the reference models)."""
+        layout = cls(family=table["family"], targets={}, blocks=list(table["blocks"]))
+        components = {row[0] for row in table["layers"]}
+        te_style = "sdxl" if "text_encoder_2" in components else "sd"
+        for component, path, shape, block, sgm_path in table["layers"]:
+            target = LayerTarget(component, path, tuple(shape), block, sgm_path=sgm_path)
+            if component == "unet":
+                names = _unet_names(path, sgm_path)
+            else:
+                names = _text_encoder_names(component, path, TEXT_ENCODER_PREFIXES[(te_style, component)])
+            layout.register(target, names)
+        return layout
+
+
 def patchable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(path, layer)`` for every Linear/Conv; a PEFT wrapper yields its base layer under its
     own path, and nothing inside the wrapper is yielded."""
+    patchable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     wrappers: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(w + ".") for w in wrappers):
@@ -153,7 +182,7 @@ def patchable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if base is not None and base is not module:
             wrappers.append(path)
             module = base
-        if isinstance(module, PATCHABLE) and getattr(module, "weight", None) is not None:
+        if isinstance(module, patchable) and getattr(module, "weight", None) is not None:
             yield path, module
 
 

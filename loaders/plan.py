@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .adapter import Adapter
 from .blocks import BlockWeights, parse_block_weights, zeroed_by_omission
-from .errors import NothingToApplyError
+from .errors import LohakrError, NothingToApplyError
 from .metadata import BASE_MODEL_NAMES
 from .names import LayerTarget, ModelLayout
 from .report import LoadReport
@@ -47,6 +47,9 @@ def plan_load(
     """Resolve ``adapter`` on ``layout`` and parse ``block_weights``; refuses (before anything is
     written) a file for another base model unless ``allow_base_mismatch``, a strict load that
     would leave a module out, and a load that would change nothing (``NothingToApplyError``)."""
+    if adapter.header_only:
+        raise LohakrError(f"{adapter.source}: was read for inspection only (header_only=True); load it with "
+                          "load_adapter(path) to apply it")
     matches, report = resolve(adapter, layout, strict=strict, check_base_model=not allow_base_mismatch,
                               fallback=fallback, fallback_name=fallback_name)
     report.adapter = name or adapter.name

@@ -252,29 +252,6 @@ def lora_product(up: Tensor, down: Tensor, mid: Tensor | None = None, start: int
     return rows.reshape(rows.shape[0], -1)
 
 
-def dora_axis(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...], prefer_output: bool) -> str:
-    """Which axis a ``dora_scale`` of this shape normalises: ``"out"`` or ``"in"`` (docs/format.md#dora-axis).
-
-    ``(O, 1, …)`` and 1-D ``[O]`` mean the output axis, ``(1, I, …)`` the input axis. When both
-    readings fit (O == 1 or I == 1) ``prefer_output`` decides. Returns ``""`` if neither fits.
-    """
-    out_dim = weight_shape[0]
-    in_dim = weight_shape[1] if len(weight_shape) > 1 else 1
-    dims = [d for d in scale_shape]
-    if len(dims) == 1:
-        return "out" if dims[0] == out_dim else ""
-    rest_one = all(d == 1 for d in dims[2:])
-    fits_out = rest_one and dims[0] == out_dim and dims[1] == 1
-    fits_in = rest_one and dims[0] == 1 and dims[1] == in_dim
-    if fits_out and fits_in:
-        return "out" if prefer_output else "in"
-    if fits_out:
-        return "out"
-    if fits_in:
-        return "in"
-    return ""
-
-
 def apply_dora(merged: Tensor, magnitude: Tensor, axis: str) -> Tensor:
     """DoRA: rescale ``merged = W0 + s·R`` so its norm along ``axis`` equals ``magnitude``.
 

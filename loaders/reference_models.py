@@ -7,6 +7,8 @@ stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5 configs. Needs diffusers 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .names import ModelLayout
@@ -83,6 +85,27 @@ def build_components(family: str, device: str = "meta", dtype=None) -> dict[str,
     return parts
 
 
-def reference_layout(family: str) -> ModelLayout:
-    """The layout of the full-size model, built on the meta device (no memory, no weights)."""
-    return ModelLayout.from_diffusers(**build_components(family, "meta"))
+TABLES = Path(__file__).with_name("layouts")
+
+
+def reference_layout(family: str, *, from_model: bool = False) -> ModelLayout:
+    """The layout of the full-size model: from its table in ``layouts/`` (no torch, no diffusers;
+    milliseconds), or with ``from_model`` built from the model on the meta device (no memory, no
+    weights; the tables are written from this, and a test keeps them equal)."""
+    if from_model:
+        return ModelLayout.from_diffusers(**build_components(family, "meta"))
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return ModelLayout.from_table(json.loads((TABLES / f"{family}.json").read_text(encoding="utf-8")))
+
+
+def write_layout_tables() -> None:
+    """Write ``layouts/<family>.json`` from the models (run after changing the configs above)."""
+    TABLES.mkdir(exist_ok=True)
+    for family in FAMILIES:
+        table = reference_layout(family, from_model=True).to_table()
+        (TABLES / f"{family}.json").write_text(json.dumps(table, separators=(",", ":")) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m lohakr.loaders.reference_models
+    write_layout_tables()

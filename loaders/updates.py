@@ -15,15 +15,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import Tensor
-
-from . import rebuild
 from .errors import AdapterShapeError, where
+from .lazy import lazy_module
 
-Device = torch.device | str | None
+torch = lazy_module("torch")
+rebuild = lazy_module(".rebuild", __package__)
+
+if TYPE_CHECKING:  # torch is imported where tensors are built: describing a file needs none
+    import torch  # noqa: F811
+    from torch import Tensor
+
+    Device = torch.device | str | None
 
 
 class FactorCache:
@@ -59,7 +63,8 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 
 # Products whose bound stays below this are certain to be finite when built in float32.
-FLOAT32_SAFE = torch.finfo(torch.float32).max / 4
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+FLOAT32_SAFE = FLOAT32_MAX / 4
 
 
 def _abs_max(t: Tensor) -> float:
@@ -83,6 +88,29 @@ def _core_row_sum_max(core: Tensor) -> float:
     """``max_i Σ_j max_k |core[i, j, k…]|``: a Tucker core's part of a rebuild's bound."""
     folded = core.detach().reshape(core.shape[0], core.shape[1], -1).abs().amax(dim=2)
     return _row_sum_max(folded)
+
+
+def dora_axis(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...], prefer_output: bool) -> str:
+    """Which axis a ``dora_scale`` of this shape normalises: ``"out"`` or ``"in"`` (docs/format.md#dora-axis).
+
+    ``(O, 1, …)`` and 1-D ``[O]`` mean the output axis, ``(1, I, …)`` the input axis. When both
+    readings fit (O == 1 or I == 1) ``prefer_output`` decides. Returns ``""`` if neither fits.
+    """
+    out_dim = weight_shape[0]
+    in_dim = weight_shape[1] if len(weight_shape) > 1 else 1
+    dims = [d for d in scale_shape]
+    if len(dims) == 1:
+        return "out" if dims[0] == out_dim else ""
+    rest_one = all(d == 1 for d in dims[2:])
+    fits_out = rest_one and dims[0] == out_dim and dims[1] == 1
+    fits_in = rest_one and dims[0] == 1 and dims[1] == in_dim
+    if fits_out and fits_in:
+        return "out" if prefer_output else "in"
+    if fits_out:
+        return "out"
+    if fits_in:
+        return "in"
+    return ""
 
 
 def bound_product(*bounds: float) -> float:
@@ -204,7 +232,7 @@ class LayerUpdate:
     def dora_axis(self, weight_shape: tuple[int, ...]) -> str:
         """``"out"`` or ``"in"``: the axis this module's DoRA normalises on that weight (``""``: neither
         fits; docs/format.md#dora-axis)."""
-        return rebuild.dora_axis(_shape(self.dora_scale), tuple(weight_shape), self.dora_prefer_output)
+        return dora_axis(_shape(self.dora_scale), tuple(weight_shape), self.dora_prefer_output)
 
     # -- the product ------------------------------------------------------------------------
     def float_factor(self, key: str, device: Device, cache: FactorCache | None = None) -> Tensor | None:

@@ -15,8 +15,10 @@ from typing import Any
 from ..loaders.adapter import adapter_cache
 from ..loaders.describe import describe_adapter, describe_coverage, format_coverage, format_description
 from ..loaders.errors import LohakrError
+from ..loaders.lazy import lazy_module
 from ..loaders.safe_json import parse_json
-from .comfy_bridge import StackItem, apply_stack, comfy_layout
+
+bridge = lazy_module(".comfy_bridge", __package__)  # torch and comfy: imported when a node runs
 
 CATEGORY = "loaders/lohakr"
 STRENGTH = dict(default=1.0, minimum=-100.0, maximum=100.0, step=0.01)
@@ -101,7 +103,7 @@ class StackEntry(tuple):
         return entry
 
 
-def stack_items(stack) -> list[StackItem]:
+def stack_items(stack) -> list:
     items = []
     for entry in stack or []:
         if len(entry) < 3:
@@ -109,7 +111,7 @@ def stack_items(stack) -> list[StackItem]:
         name, strength_model, strength_clip = entry[0], float(entry[1]), float(entry[2])
         if name in (None, "", "None"):
             continue
-        items.append(StackItem(lora_path(name), strength_model, strength_clip,
+        items.append(bridge.StackItem(lora_path(name), strength_model, strength_clip,
                                getattr(entry, "block_weights", "") or None,
                                name=os.path.splitext(os.path.basename(name))[0]))
     return items
@@ -138,9 +140,10 @@ def parse_rows(rows: str) -> list[StackEntry]:
 # -- node bodies ---------------------------------------------------------------------------------
 def run_loader(model, lora_name, strength_model, block_weights="", clip=None, strength_clip=0.0,
                allow_base_mismatch=False):
-    item = StackItem(lora_path(lora_name), strength_model, strength_clip, block_weights or None,
+    item = bridge.StackItem(lora_path(lora_name), strength_model, strength_clip, block_weights or None,
                      name=os.path.splitext(os.path.basename(lora_name))[0])
-    new_model, new_clip, reports = apply_stack(model, clip, [item], allow_base_mismatch=bool(allow_base_mismatch))
+    new_model, new_clip, reports = bridge.apply_stack(model, clip, [item],
+                                                      allow_base_mismatch=bool(allow_base_mismatch))
     return (new_model, new_clip), report_ui(reports)
 
 
@@ -162,7 +165,7 @@ def run_stack(lora_name="None", strength_model=1.0, strength_clip=1.0, block_wei
 
 
 def run_apply_stack(model, lora_stack, clip=None, allow_base_mismatch=False):
-    new_model, new_clip, reports = apply_stack(model, clip, stack_items(lora_stack),
+    new_model, new_clip, reports = bridge.apply_stack(model, clip, stack_items(lora_stack),
                                                allow_base_mismatch=bool(allow_base_mismatch))
     return (new_model, new_clip), report_ui(reports)
 
@@ -173,7 +176,7 @@ def run_info(lora_name, model=None, clip=None):
     text = format_description(description)
     coverage = None
     if model is not None or clip is not None:
-        coverage = describe_coverage(adapter, comfy_layout(model, clip))
+        coverage = describe_coverage(adapter, bridge.comfy_layout(model, clip))
         text += "\n\n" + format_coverage(coverage)
     payload = json.dumps({"adapter": description, "coverage": coverage}, default=str)
     return (text,), {"text": [text], "lohakr_info": [payload]}

@@ -61,8 +61,9 @@ def test_info_text(tmp_path, capsys):
     assert "attn1_to_nothing [unmatched]" in out
     lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  IN04")
              or line.startswith("  OUT02") or line.startswith("  TE2") or line.startswith("  M00")}
-    assert lines["IN04"] == ["1", "1", "0", "0"] and lines["OUT02"] == ["1", "0", "0", "0"]
-    assert lines["TE2"] == ["1", "0", "0", "0"] and lines["M00"] == ["1", "0", "0", "0"]
+    # columns: applied, unmatched, mismatched, unsupported, duplicate
+    assert lines["IN04"] == ["1", "1", "0", "0", "0"] and lines["OUT02"] == ["1", "0", "0", "0", "0"]
+    assert lines["TE2"] == ["1", "0", "0", "0", "0"] and lines["M00"] == ["1", "0", "0", "0", "0"]
 
 
 def test_info_json_and_other_model(tmp_path, capsys):
@@ -81,3 +82,25 @@ def test_info_bad_file_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lohakr", "info", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "error:" in result.stderr and "broken.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_info_reads_no_torch_and_puts_warnings_first(tmp_path):
+    """``info`` reads the header and the few values it needs (no torch import) and says first what
+    changes the reading: here, an SDXL file shown on SD1.5."""
+    path = make_file(tmp_path)
+    code = ("import sys; from lohakr.loaders.cli import main; main(['info', sys.argv[1], '--model', 'sd1']); "
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "warning: this is an SDXL adapter; the layout is SD1.5"
+    assert "applied: patches a layer of this model; unmatched: names no layer" in out
+    assert out.rstrip().endswith("torch imported: False")
+
+
+def test_info_from_the_header_equals_the_full_read(tmp_path):
+    """What ``info`` shows from the header alone is what the full read (tensors) shows."""
+    from lohakr import load_adapter
+    from lohakr.loaders.describe import describe_adapter
+
+    path = make_file(tmp_path)
+    fast, full = describe_adapter(load_adapter(path, header_only=True)), describe_adapter(load_adapter(path))
+    assert fast == full

@@ -307,6 +307,9 @@ def test_refused_while_parsing(case, tmp_path, pipe):
     with pytest.raises(case.error, match=case.match) as parsed:
         load_adapter(path)
     assert str(path) in str(parsed.value)  # the file, or for a PEFT folder its weights or config
+    with pytest.raises(case.error) as described:  # what `lohakr info` reads: the header alone, no torch
+        load_adapter(path, header_only=True)
+    assert str(path) in str(described.value)
     before = snapshot(pipe)
     for strict in (False, True):
         with pytest.raises(case.error, match=case.match) as loaded:

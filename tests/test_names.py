@@ -157,3 +157,19 @@ def test_unmatched_names_get_a_guessed_block(sdxl):
     adapter = load_adapter(synthetic_loha("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_zz", 640, 640))
     _, report = resolve(adapter, sdxl, check_base_model=False)
     assert report.outcomes[0].status == "unmatched" and report.outcomes[0].block == "IN04"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd1"])
+def test_layout_tables_equal_the_models(family):
+    """``layouts/<family>.json`` (what ``lohakr info`` reads, no torch) resolves every name to the
+    same component, shape and block as the live model built from the same config."""
+    from lohakr.loaders.reference_models import reference_layout
+
+    table, live = reference_layout(family), reference_layout(family, from_model=True)
+
+    def resolved(layout):
+        return {alias: (t.component, t.weight_shape, t.block, t.sgm_path)
+                for alias, key in layout.aliases.items() for t in [layout.targets[key]]}
+
+    assert table.family == live.family and table.blocks == live.blocks
+    assert resolved(table) == resolved(live)

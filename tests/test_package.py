@@ -28,4 +28,5 @@ def test_a_built_wheel_carries_the_native_kernel_source_and_the_web_files(tmp_pa
                    check=True, capture_output=True)
     (wheel,) = tmp_path.glob("lohakr-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"lohakr/loaders/native/__init__.py", "lohakr/loaders/native/kernels.c", "lohakr/web/lohakr.js"} <= names
+    assert {"lohakr/loaders/native/__init__.py", "lohakr/loaders/native/kernels.c", "lohakr/web/lohakr.js",
+            "lohakr/loaders/layouts/sdxl.json", "lohakr/loaders/layouts/sd1.json"} <= names
