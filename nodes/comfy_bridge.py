@@ -212,28 +212,10 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
         planned.append((item, plan))
 
     host_weights = _host_weights(model if use_model else None, clip if use_clip else None)
-    # Per item: patch value per strength group; per host weight: every module and strength on it.
-    groups_per_item: list[dict[tuple[bool, float], dict[str, Any]]] = []
-    on_weight: dict[str, list[tuple[LayerUpdate, float]]] = {}
-    for item, plan in planned:
-        component_strengths = {"unet": item.strength_model, "text_encoder": item.strength_clip,
-                               "text_encoder_2": item.strength_clip}
-        groups: dict[tuple[bool, float], dict[str, Any]] = {}
-        for match in plan.matches:
-            is_clip = match.target.component != "unet"
-            if (is_clip and not use_clip) or (not is_clip and not use_model):
-                continue
-            strength = composed_strength(component_strengths, plan.block_weights, match)
-            if strength == 0:
-                continue
-            on_weight.setdefault(match.target.host_key, []).append((match.module, strength))
-            patches = groups.setdefault((is_clip, strength), {})
-            dtype = host_weights[match.target.host_key].dtype
-            patches[match.target.host_key] = _patch_value(match.module, match.target, dtype)
-            if match.module.has_bias_delta:
-                bias_key = match.target.host_key[: -len("weight")] + "bias"
-                patches[bias_key] = _patch_value(match.module, match.target, dtype, bias=True)
-        groups_per_item.append(groups)
+    sides = {"unet"} if use_model else set()
+    sides |= {"text_encoder", "text_encoder_2"} if use_clip else set()
+    on_weight: dict[str, list[tuple[LayerUpdate, float]]] = {}  # every module and strength on a host weight
+    groups_per_item = [_patch_groups(item, plan, sides, host_weights, on_weight) for item, plan in planned]
     _check_finite(host_weights, on_weight)
 
     new_model = model.clone() if use_model else model
@@ -250,6 +232,30 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
         reports.append(plan.report)
         log_report(plan.report)
     return new_model, new_clip, reports
+
+
+def _patch_groups(item: StackItem, plan: LoadPlan, sides: set[str], host_weights: dict[str, torch.Tensor],
+                  on_weight: dict[str, list[tuple[LayerUpdate, float]]]) -> dict[tuple[bool, float], dict[str, Any]]:
+    """One stack item's patch values, grouped by (CLIP side, strength) as ``add_patches`` takes them;
+    each module and its strength is also recorded per host weight in ``on_weight``. ``sides``: the
+    components patched at all (a side at strength 0 everywhere is left out)."""
+    component_strengths = {"unet": item.strength_model, "text_encoder": item.strength_clip,
+                           "text_encoder_2": item.strength_clip}
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for match in plan.matches:
+        if match.target.component not in sides:
+            continue
+        strength = composed_strength(component_strengths, plan.block_weights, match)
+        if strength == 0:
+            continue
+        host_key = match.target.host_key
+        on_weight.setdefault(host_key, []).append((match.module, strength))
+        patches = groups.setdefault((match.target.component != "unet", strength), {})
+        dtype = host_weights[host_key].dtype
+        patches[host_key] = _patch_value(match.module, match.target, dtype)
+        if match.module.has_bias_delta:
+            patches[host_key[: -len("weight")] + "bias"] = _patch_value(match.module, match.target, dtype, bias=True)
+    return groups
 
 
 def _host_weights(model: Any | None, clip: Any | None) -> dict[str, torch.Tensor]:
