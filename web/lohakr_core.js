@@ -227,3 +227,35 @@ export function moveRow(rows, index, delta) {
   copy.splice(to, 0, row);
   return copy;
 }
+
+// ---- report strip groups -----------------------------------------------------------------------
+const GROUP_OF = [[/^TE\d*$/, "TE"], [/^IN\d+$/, "IN"], [/^M\d+$/, "M"], [/^OUT\d+$/, "OUT"], [/^OTHER$/, "OTHER"]];
+
+/** The short label of a block inside its group: IN04 -> "4", TE1 -> "1", M00 -> "0"; "" when the group says it all. */
+export function shortBlock(block) {
+  const m = /^(TE|IN|OUT|M)(\d+)$/.exec(block);
+  if (m) return String(Number(m[2]));
+  return "";
+}
+
+/**
+ * Strip cells grouped for display, in two lines: [TE, IN] and [M, OUT, OTHER, anything else].
+ * Returns [[{group, cells: [{...cell, label}]}...], [...]]; empty groups and empty lines are dropped.
+ */
+export function stripLines(cells) {
+  const order = ["TE", "IN", "M", "OUT", "OTHER", "?"];
+  const groups = new Map(order.map((g) => [g, []]));
+  for (const cell of cells) {
+    const group = (GROUP_OF.find(([re]) => re.test(cell.block)) || [null, "?"])[1];
+    groups.get(group).push({ ...cell, label: group === "?" ? cell.block : shortBlock(cell.block) });
+  }
+  const make = (names) => names.filter((g) => groups.get(g).length).map((g) => ({ group: g, cells: groups.get(g) }));
+  return [make(["TE", "IN"]), make(["M", "OUT", "OTHER", "?"])].filter((line) => line.length);
+}
+
+/** The text of a stack row's block-weights chip: "blocks" when unset, the spec (shortened) otherwise. */
+export function chipText(spec, max = 10) {
+  const text = (spec || "").trim();
+  if (!text) return "blocks";
+  return text.length > max ? `${text.slice(0, max - 1)}…` : text;
+}

@@ -124,3 +124,31 @@ test("stack rows parse, format and reorder", () => {
   assert.deepEqual(moveRow(rows, 0, -1).map((r) => r.name), ["a.safetensors", "b"]);
   assert.throws(() => parseRows("{}"), /JSON list/);
 });
+
+test("report strip groups: two lines, short labels that fit", async () => {
+  const { stripLines, shortBlock, chipText } = await import("../../web/lohakr_core.js");
+  assert.equal(shortBlock("IN04"), "4");
+  assert.equal(shortBlock("OUT08"), "8");
+  assert.equal(shortBlock("IN11"), "11");
+  assert.equal(shortBlock("TE1"), "1");
+  assert.equal(shortBlock("M00"), "0");
+  assert.equal(shortBlock("OTHER"), "");
+  const byBlock = Object.fromEntries([...LAYOUTS.sdxl, "?"].map((b) => [b, { applied: 1 }]));
+  const lines = stripLines(reportStrip({ model_family: "sdxl", blocks: LAYOUTS.sdxl, by_block: byBlock }));
+  assert.equal(lines.length, 2);
+  assert.deepEqual(lines[0].map((g) => g.group), ["TE", "IN"]);
+  assert.deepEqual(lines[1].map((g) => g.group), ["M", "OUT", "OTHER", "?"]);
+  assert.deepEqual(lines[0][1].cells.map((c) => c.label), ["0", "1", "2", "3", "4", "5", "6", "7", "8"]);
+  assert.deepEqual(lines[0][0].cells.map((c) => c.block), ["TE1", "TE2"]);
+  assert.equal(lines[1][3].cells[0].label, "?");
+  for (const line of lines) for (const g of line) for (const c of g.cells) assert.ok(c.label.length <= 2, c.block);
+  // SD1: one TE cell, 12 IN and OUT cells; groups missing from the report are dropped.
+  const sd1 = stripLines(reportStrip({ model_family: "sd1", by_block: { TE: { applied: 1 }, IN11: { applied: 1 }, OUT00: { applied: 0, unmatched: 1 } } }));
+  assert.deepEqual(sd1.map((l) => l.map((g) => g.group)), [["TE", "IN"], ["OUT"]]);
+  assert.equal(sd1[0][1].cells[0].label, "11");
+  assert.equal(sd1[1][0].cells[0].state, "none");
+  assert.deepEqual(stripLines([]), []);
+  assert.equal(chipText(""), "blocks");
+  assert.equal(chipText("IN04=0.5"), "IN04=0.5");
+  assert.equal(chipText("OUTALL, IN08=0.5"), "OUTALL, I…");
+});
