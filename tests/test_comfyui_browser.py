@@ -102,9 +102,10 @@ def test_extension_in_real_browser(tmp_path, view):
         assert server.get_raw("/lohakr/info?name=nothere.safetensors")[0] == 404
         status, script = server.get_raw("/extensions/lohakr-pack/lohakr.js")
         assert status == 200 and b"registerExtension" in script
-        command = ["node", str(BROWSER_DIR / "drive.mjs"), server.url, str(artifacts), "browser_loha.safetensors", renderer]
-        run = subprocess.run(command,
-                             capture_output=True, text=True, timeout=400, env={**os.environ, "CHROMIUM": CHROMIUM})
+        command = ["node", str(BROWSER_DIR / "drive.mjs"), server.url, str(artifacts), "browser_loha.safetensors",
+                   renderer]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                             env={**os.environ, "CHROMIUM": CHROMIUM})
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     (artifacts / "result.json").write_text(json.dumps(result, indent=1))
