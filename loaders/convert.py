@@ -15,8 +15,8 @@ A LoRA/LoCon is its own factors, its Tucker ``lora_mid`` folded into ``down``; a
 itself times an identity. DoRA rescales by the patched weight's norms, which no fixed ``up @ down``
 reproduces: ``exact_lora`` refuses it.
 
-This is the exact half of converting a file to LoRA; writing files, SVD where the exact rank is
-too large and the command line come next.
+``to_lora`` chooses per module: exact where the exact rank fits, else a truncated SVD of ΔW at a
+given rank or error, the error always reported. Writing files and the command line come next.
 """
 
 from __future__ import annotations
@@ -163,3 +163,48 @@ def _full(update: DiffUpdate, device) -> tuple[Tensor, Tensor]:
     if rows <= columns:
         return torch.eye(rows, dtype=diff.dtype, device=diff.device), diff
     return diff, torch.eye(columns, dtype=diff.dtype, device=diff.device)
+
+
+@dataclass
+class Conversion:
+    """One module as a LoRA: its factors, how they were found, and how far they are from ΔW
+    (relative Frobenius error, 0 for an exact conversion up to float32 rounding)."""
+
+    factors: LoraFactors
+    method: str  # "exact" or "svd"
+    error: float
+
+    @property
+    def rank(self) -> int:
+        return self.factors.rank
+
+
+@torch.no_grad()
+def to_lora(update: LayerUpdate, rank: int | str = "exact", max_error: float | None = None,
+            device=None) -> Conversion:
+    """``update`` as a LoRA. Exact (``exact_lora``) when ``rank`` is ``"exact"`` or at least the exact
+    rank; otherwise a truncated SVD of ΔW in float32, one layer at a time: at ``rank``, or with
+    ``max_error`` at the smallest rank whose relative Frobenius error is at most that (never above
+    ``rank`` when both are given). DoRA modules are refused (``exact_lora``)."""
+    if rank != "exact" and (not isinstance(rank, int) or rank < 1):
+        raise LohakrError(f"rank is {rank!r}; a rank is a positive integer or 'exact'")
+    if max_error is not None and not 0 <= max_error < 1:
+        raise LohakrError(f"max_error is {max_error!r}; a relative error lies in [0, 1)")
+    exact = exact_rank(update)
+    if rank == "exact" or (max_error is None and rank >= exact):
+        return Conversion(exact_lora(update, device), "exact", 0.0)
+    if update.dora:
+        exact_lora(update)  # raises, naming the module
+    shape = update.weight_shape
+    delta = update.delta(shape, device).reshape(shape[0], -1)
+    u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
+    energy = singular.double().square()
+    total = float(energy.sum())
+    # error(k) = sqrt(Σ_{i ≥ k} σ_i²) / ‖ΔW‖: the tail left out at rank k
+    tails = (energy.flip(0).cumsum(0).flip(0).sqrt() / max(total, 1e-300) ** 0.5).tolist() + [0.0]
+    keep = len(singular) if rank == "exact" else min(rank, len(singular))
+    if max_error is not None:
+        keep = min(keep, next(k for k, tail in enumerate(tails) if tail <= max_error))
+    keep = max(keep, 1)
+    up = u[:, :keep] * singular[:keep]
+    return Conversion(LoraFactors(up.contiguous(), vh[:keep].contiguous()), "svd", tails[keep] if total else 0.0)

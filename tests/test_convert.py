@@ -49,3 +49,34 @@ def test_locon_with_a_tucker_mid_and_a_full_diff():
     assert torch.allclose(exact_lora(locon).delta((5, 4, 3, 3)), locon.delta((5, 4, 3, 3)), rtol=0, atol=1e-6)
     diff = load_adapter({"m.diff": pat((4, 6), 4)}).modules["m"]
     assert exact_rank(diff) == 4 and torch.equal(exact_lora(diff).delta((4, 6)), diff.delta((4, 6)))
+
+
+def relative_error(conversion, module):
+    shape = module.weight_shape
+    delta = module.delta(shape)
+    return float((conversion.factors.delta(shape) - delta).norm() / delta.norm())
+
+
+@pytest.mark.parametrize("max_error", [1e-1, 1e-2, 1e-3])
+def test_svd_at_a_requested_error_stays_within_it_and_reports_it(lycoris_file, max_error):
+    from lohakr.loaders.convert import to_lora
+
+    adapter = load_adapter(lycoris_file("sdxl", "loha").path)  # rank-4 branches: exact rank 16
+    for name, module in list(adapter.modules.items())[:40]:
+        conversion = to_lora(module, rank=64, max_error=max_error)
+        actual = relative_error(conversion, module)
+        assert conversion.method == "svd" and actual <= max_error * (1 + 1e-3) + 1e-6, (name, actual)
+        assert abs(actual - conversion.error) <= 1e-4 + 1e-3 * conversion.error, (name, actual, conversion.error)
+        assert conversion.rank <= exact_rank(module)
+
+
+def test_rank_chooses_between_exact_and_svd(lycoris_file):
+    from lohakr.loaders.convert import to_lora
+
+    module = next(iter(load_adapter(lycoris_file("sdxl", "loha").path).modules.values()))
+    assert exact_rank(module) == 16
+    assert to_lora(module, rank=16).method == "exact" and to_lora(module).method == "exact"
+    low = to_lora(module, rank=3)
+    assert low.method == "svd" and low.rank == 3 and low.error == pytest.approx(relative_error(low, module), abs=1e-4)
+    with pytest.raises(LohakrError, match="a rank is a positive integer"):
+        to_lora(module, rank=0)
