@@ -60,6 +60,11 @@ def plan_load(
             f"applied to a {BASE_MODEL_NAMES[layout.family]} model because allow_base_mismatch is set"))
     if not matches:
         raise NothingToApplyError(_nothing_applies(adapter, report))
+    for match in matches:  # a full diff's bias delta needs a bias: say so rather than drop it silently
+        layer = match.target.layer
+        if match.module.has_bias_delta and layer is not None and getattr(layer, "bias", None) is None:
+            report.warnings.append(f"{adapter.source}: module {match.module.name}: diff_b is not applied, the layer "
+                                   f"{match.target.key} has no bias (its weight delta is)")
     weights = parse_block_weights(block_weights, layout.blocks, layout.family)
     warning = zeroed_by_omission(weights, {m.block for m in matches})
     if warning:

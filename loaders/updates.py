@@ -637,6 +637,12 @@ class DiffUpdate(LayerUpdate):
 
     def __post_init__(self) -> None:
         _need(self.name, self.source, self.factors, "diff")
+        bias = self.factors.get("diff_b")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != self.factors["diff"].shape[0]):
+            raise AdapterShapeError(
+                f"{where(self.source, self.name)}diff_b has shape {_fmt(_shape(bias))}; the bias delta of a layer "
+                f"with {self.factors['diff'].shape[0]} outputs is ({self.factors['diff'].shape[0]},)"
+            )
 
     @property
     def rank(self) -> None:

@@ -268,6 +268,9 @@ PARSE_CASES = [
         f"{LAYER.kohya}.hada_t1": torch.ones(2, 2, 3, 3), f"{LAYER.kohya}.hada_t2": torch.ones(2, 2, 3, 3),
         f"{LAYER.kohya}.hada_w1_a": torch.ones(2, 32, 1), f"{LAYER.kohya}.hada_w2_a": torch.ones(2, 32)}),
          AdapterShapeError, "beside a Tucker core"),
+    Case("a bias delta of the wrong shape", lambda p: write(p, {f"{LAYER.kohya}.diff": torch.ones(32, 32),
+                                                                f"{LAYER.kohya}.diff_b": torch.ones(2, 16)}),
+         AdapterShapeError, r"diff_b has shape \(2, 16\); the bias delta of a layer with 32 outputs is \(32,\)"),
     Case("integer factors", lambda p: write(p, loha(LAYER.kohya, hada_w1_a=torch.ones(32, 2, dtype=torch.int32))),
          AdapterFormatError, "factors must be floating point"),
     Case("LoHa and LoKr keys in one module", lambda p: write(p, loha(LAYER.kohya) | lokr(LAYER.kohya)),
@@ -517,3 +520,14 @@ def test_info_command_on_a_folder_and_a_checkpoint(tmp_path, capsys):
                                   "model.diffusion_model.out.2.bias": torch.ones(4)}, "model.safetensors")
     assert main(["info", str(checkpoint)]) == 2
     assert "this is a model checkpoint, not an adapter" in capsys.readouterr().err
+
+
+def test_a_bias_delta_for_a_layer_without_bias_is_reported(tmp_path, pipe):
+    """attn1.to_q has no bias: the diff applies, and the report says the diff_b did not."""
+    path = write(tmp_path, {f"{LAYER.kohya}.diff": torch.full((32, 32), 1e-3),
+                            f"{LAYER.kohya}.diff_b": torch.ones(32)})
+    report = pipe.load_lycoris(path, "diff")
+    try:
+        assert any("diff_b is not applied" in w and LAYER.path in w for w in report.warnings)
+    finally:
+        pipe.unload_lycoris("diff")
