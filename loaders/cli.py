@@ -37,6 +37,37 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .convert import convert_adapter, format_conversion
+    from .reference_models import reference_layout
+
+    adapter = load_adapter(args.file)
+    family = args.model if args.model != "auto" else adapter.base_model
+    if family not in ("sdxl", "sd1"):
+        raise LohakrError(f"{adapter.source}: the base model is {adapter.base_model_name}; pass --model sdxl or sd1")
+    rank = args.rank if args.rank == "exact" else int(args.rank)
+    conversion = convert_adapter(adapter, reference_layout(family), rank, args.max_error, args.dtype)
+    out = os.path.abspath(args.output)
+    if os.path.abspath(adapter.source) == out:
+        raise LohakrError(f"{out}: the output would overwrite the input; choose another path")
+    handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=os.path.dirname(out))
+    os.close(handle)
+    try:  # written beside the target, then renamed: a killed conversion leaves no partial file
+        save_file(conversion.tensors, temporary, conversion.metadata)
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    print(f"{adapter.source} -> {out} (kohya LoRA, {family})")
+    print(format_conversion(conversion))
+    return 0
+
+
 def _demo(options: list[str]) -> int:
     from .demo import add_demo_arguments, run_demo
 
@@ -56,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.add_argument("--tags", type=int, default=10, help="how many top trigger tags to show")
     info.set_defaults(run=_info)
+    convert = sub.add_parser("convert", help="a LoHa/LoKr file as a LoRA file: exact where the rank allows, else SVD")
+    convert.add_argument("file", help="a .safetensors LoHa/LoKr/LyCORIS file")
+    convert.add_argument("--to", choices=["lora"], default="lora", help="the output format (kohya LoRA)")
+    convert.add_argument("--rank", default="exact",
+                         help="'exact' (default: every module exactly) or the largest rank to store; a module whose "
+                              "exact rank is larger gets a truncated SVD")
+    convert.add_argument("--max-error", type=float, default=None,
+                         help="with SVD, the smallest rank whose relative Frobenius error is at most this")
+    convert.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                         help="stored dtype (default: the input's)")
+    convert.add_argument("--model", choices=["auto", "sdxl", "sd1"], default="auto",
+                         help="the base model whose layers the file targets (default: detected)")
+    convert.add_argument("-o", "--output", required=True, help="the LoRA file to write")
+    convert.set_defaults(run=_convert)
     # The demo's own options are parsed when it runs: its module imports torch and diffusers, which
     # `info` does without (a description in well under a second).
     demo = sub.add_parser("demo", add_help=False, help="patch a tiny SDXL pipeline with LoHa and LoKr, save a picture "

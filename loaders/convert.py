@@ -21,7 +21,7 @@ given rank or error, the error always reported. Writing files and the command li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -82,6 +82,20 @@ def exact_lora(update: LayerUpdate, device=None) -> LoraFactors:
     if update.scale != 1.0:
         up = up * update.scale
     return LoraFactors(up.contiguous(), down.contiguous())
+
+
+def _svd(update: LayerUpdate, device) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of ``s·R``. From the exact factors when their rank is below the layer's: QR of
+    each, then the SVD of an R×R core (O·R² work, not O·I·min(O, I)); else of ΔW itself."""
+    shape = update.weight_shape
+    exact = exact_lora(update, device)
+    if exact.rank < min(shape[0], _width(shape)):
+        q_up, r_up = torch.linalg.qr(exact.up)
+        q_down, r_down = torch.linalg.qr(exact.down.t())
+        u_core, singular, vh_core = torch.linalg.svd(r_up @ r_down.t())
+        return q_up @ u_core, singular, vh_core @ q_down.t()
+    delta = update.delta(shape, device).reshape(shape[0], -1)
+    return torch.linalg.svd(delta, full_matrices=False)
 
 
 def _width(shape: tuple[int, ...]) -> int:
@@ -195,9 +209,7 @@ def to_lora(update: LayerUpdate, rank: int | str = "exact", max_error: float | N
         return Conversion(exact_lora(update, device), "exact", 0.0)
     if update.dora:
         exact_lora(update)  # raises, naming the module
-    shape = update.weight_shape
-    delta = update.delta(shape, device).reshape(shape[0], -1)
-    u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, singular, vh = _svd(update, device)
     energy = singular.double().square()
     total = float(energy.sum())
     # error(k) = sqrt(Σ_{i ≥ k} σ_i²) / ‖ΔW‖: the tail left out at rank k
@@ -208,3 +220,154 @@ def to_lora(update: LayerUpdate, rank: int | str = "exact", max_error: float | N
     keep = max(keep, 1)
     up = u[:, :keep] * singular[:keep]
     return Conversion(LoraFactors(up.contiguous(), vh[:keep].contiguous()), "svd", tails[keep] if total else 0.0)
+
+
+# -- a whole file ----------------------------------------------------------------------------------------
+KOHYA_TEXT_ENCODER_PREFIXES = {("sdxl", "text_encoder"): "lora_te1_", ("sdxl", "text_encoder_2"): "lora_te2_",
+                               ("sd1", "text_encoder"): "lora_te_", ("sd2", "text_encoder"): "lora_te_"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class ModuleConversion:
+    """One module's line of a conversion report."""
+
+    module: str
+    name: str  # its name in the LoRA file
+    method: str
+    rank: int
+    error: float
+
+
+@dataclass
+class FileConversion:
+    """A converted file's tensors and metadata, and per module how it was converted."""
+
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    modules: list[ModuleConversion]
+    not_converted: list[str] = field(default_factory=list)  # "module [status] reason" of modules that do not apply
+
+    @property
+    def max_error(self) -> float:
+        return max((m.error for m in self.modules), default=0.0)
+
+    @property
+    def mean_error(self) -> float:
+        return sum(m.error for m in self.modules) / len(self.modules) if self.modules else 0.0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def kohya_name(module_name: str, target, family: str) -> str:
+    """The module's name in a kohya LoRA file: kept when it is one already, else built from the layer."""
+    if module_name.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+        return module_name
+    if target.component == "unet":
+        return "lora_unet_" + target.path.replace(".", "_")
+    path = target.path if target.path.startswith(("text_model.", "text_projection")) else "text_model." + target.path
+    return KOHYA_TEXT_ENCODER_PREFIXES[(family, target.component)] + path.replace(".", "_")
+
+
+def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float | None = None,
+                    dtype: str | None = None) -> FileConversion:
+    """Every module of ``adapter`` that applies on ``layout`` (an SDXL/SD1.5 reference layout) as a
+    kohya LoRA module (``lora_up``/``lora_down``/``alpha``, one alpha for the file): exact or SVD
+    per ``to_lora``, shaped for its layer (a conv's ``down`` is ``(R, I, k…)``, its ``up``
+    ``(O, R, 1…)``), stored in ``dtype`` (default: the adapter's own), the error measured after that
+    cast. Refuses DoRA modules (a DoRA update depends on the base weights) and modules that do not
+    apply (``plan_load``'s refusals)."""
+    from .plan import plan_load
+
+    plan = plan_load(adapter, layout)
+    dora = [m.module.name for m in plan.matches if m.module.dora]
+    if dora:
+        raise LohakrError(f"{adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update depends "
+                          "on the base model's weights, so it has no LoRA form on its own. Bake it into the "
+                          "checkpoint instead")
+    if dtype is not None and dtype not in DTYPES:
+        raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
+    stored = DTYPES[dtype] if dtype else _dominant_dtype(adapter)
+    tensors: dict[str, Tensor] = {}
+    lines: list[ModuleConversion] = []
+    conversions = [(match, to_lora(match.module, rank, max_error)) for match in plan.matches]
+    # One alpha for the whole file, the most common rank: consumers scale by alpha/rank, so each
+    # module's up carries rank/alpha. With one alpha, a loader needs no per-module alpha pattern
+    # (diffusers builds those from CLIP paths that transformers 5 renamed, and then ignores them).
+    ranks = [conversion.rank for _, conversion in conversions]
+    alpha = max(set(ranks), key=ranks.count) if ranks else 1
+    for match, conversion in conversions:
+        module, target = match.module, match.target
+        name = kohya_name(module.name, target, layout.family)
+        shape = tuple(target.weight_shape)
+        kernel_ones = (1,) * (len(shape) - 2)
+        up = conversion.factors.up
+        up = (up * (conversion.rank / alpha) if conversion.rank != alpha else up).to(stored)
+        down = conversion.factors.down.to(stored)
+        delta = module.delta(shape).reshape(shape[0], -1)
+        written = up.float() @ down.float() * (alpha / conversion.rank)  # what a consumer builds from the file
+        achieved = (written - delta).norm() / delta.norm().clamp_min(1e-30)
+        tensors[f"{name}.lora_up.weight"] = up.reshape(shape[0], conversion.rank, *kernel_ones).contiguous()
+        tensors[f"{name}.lora_down.weight"] = down.reshape(conversion.rank, *shape[1:]).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        if module.has_bias_delta:
+            tensors[f"{name}.diff_b"] = module.bias_delta().to(stored)
+        lines.append(ModuleConversion(module.name, name, conversion.method, conversion.rank, float(achieved)))
+    metadata = _conversion_metadata(adapter, lines, rank, max_error, stored)
+    skipped = [f"{o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
+    return FileConversion(tensors, metadata, lines, skipped)
+
+
+def _dominant_dtype(adapter) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for module in adapter.modules.values():
+        for tensor in module.factors.values():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+KEPT_METADATA = ("ss_base_model_version", "ss_v2", "ss_output_name", "ss_tag_frequency")
+
+
+def _conversion_metadata(adapter, lines: list[ModuleConversion], rank, max_error,
+                         dtype: torch.dtype) -> dict[str, str]:
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    with open(adapter.source, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    kept = {k: v for k, v in adapter.metadata.raw.items() if k.startswith("modelspec.") or k in KEPT_METADATA}
+    return {
+        **kept,
+        "ss_network_module": "networks.lora",
+        "lohakr_conversion": json.dumps({
+            "source": adapter.name, "source_sha256": digest.hexdigest(), "rank": rank, "max_error": max_error,
+            "dtype": str(dtype).removeprefix("torch."),
+            "modules": {line.name: {"method": line.method, "rank": line.rank, "error": line.error} for line in lines},
+        }),
+    }
+
+
+def format_conversion(conversion: FileConversion, names: int = 10) -> str:
+    """The report: per file the modules by method, the maximum and mean error and the size; then
+    the modules with the largest errors."""
+    methods: dict[str, int] = {}
+    for line in conversion.modules:
+        methods[line.method] = methods.get(line.method, 0) + 1
+    ranks = sorted({line.rank for line in conversion.modules})
+    by_method = ", ".join(f"{n} {m}" for m, n in sorted(methods.items()))
+    span = f"; ranks {ranks[0]}..{ranks[-1]}" if ranks else ""
+    lines = [f"{len(conversion.modules)} modules: {by_method}{span}",
+             f"relative error (Frobenius, per module): max {conversion.max_error:.3g}, "
+             f"mean {conversion.mean_error:.3g}",
+             f"size {conversion.nbytes() / 2**20:.1f} MiB"]
+    if conversion.not_converted:
+        lines.append(f"{len(conversion.not_converted)} module(s) not converted (they do not apply to this model):")
+        lines += [f"  {line}" for line in conversion.not_converted[:names]]
+    worst = sorted(conversion.modules, key=lambda line: line.error, reverse=True)[:names]
+    lines += [f"  {line.name}: {line.method}, rank {line.rank}, error {line.error:.3g}"
+              for line in worst if line.error]
+    return "\n".join(lines)

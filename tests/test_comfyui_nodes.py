@@ -331,3 +331,31 @@ def test_fp8_weights_are_patched_through_comfyui(comfy):
             assert not torch.equal(got.float(), originals[key])
     finally:
         new_model.unpatch_model()
+
+
+
+@pytest.mark.parametrize("variant", ["loha_tucker", "lokr"])
+def test_a_converted_lora_loads_in_comfyuis_lora_loader_to_our_weights(comfy, variant):
+    """``lohakr convert``'s exact LoRA, loaded by ComfyUI's own LoraLoader, gives the weights our
+    loader gives from the LoHa/LoKr file."""
+    from safetensors.torch import save_file
+
+    import nodes as comfy_nodes
+    from lohakr import load_adapter
+    from lohakr.loaders.convert import convert_adapter
+    from lohakr.nodes.comfy_bridge import comfy_layout
+    from lohakr.nodes.definitions import run_loader
+
+    loras, _ = comfy
+    filename = make_file(loras, variant, name=f"to_convert_{variant}")
+    model, clip = build_tiny_sdxl()
+    conversion = convert_adapter(load_adapter(loras / filename), comfy_layout(model, clip), dtype="fp32")
+    assert conversion.max_error <= 1e-5
+    save_file(conversion.tensors, str(loras / f"converted_{variant}.safetensors"), conversion.metadata)
+    ours = loaded_state(*run_loader(model, filename, STRENGTH, "", clip=clip, strength_clip=STRENGTH)[0])
+    native = comfy_nodes.LoraLoader().load_lora(model, clip, f"converted_{variant}.safetensors", STRENGTH, STRENGTH)
+    theirs = loaded_state(*native)
+    changed = [k for k in ours if not torch.equal(ours[k], build_state(k))]
+    assert len(changed) > 50
+    for key in ours:
+        assert_close(theirs[key], ours[key], key)

@@ -80,3 +80,71 @@ def test_rank_chooses_between_exact_and_svd(lycoris_file):
     assert low.method == "svd" and low.rank == 3 and low.error == pytest.approx(relative_error(low, module), abs=1e-4)
     with pytest.raises(LohakrError, match="a rank is a positive integer"):
         to_lora(module, rank=0)
+
+
+# -- files -------------------------------------------------------------------------------------------
+def converted_file(fx_path, tmp_path, family, **options):
+    from safetensors.torch import save_file
+    from test_diffusers import make_pipe
+
+    from lohakr.loaders.convert import convert_adapter
+    from lohakr.loaders.reference_models import reference_layout  # noqa: F401  (the CLI's layouts)
+
+    pipe = make_pipe(family, tmp_path)
+    from lohakr.loaders.diffusers_pipeline import pipeline_layout
+
+    conversion = convert_adapter(load_adapter(fx_path), pipeline_layout(pipe), **options)
+    out = tmp_path / "converted.safetensors"
+    save_file(conversion.tensors, str(out), conversion.metadata)
+    return out, conversion
+
+
+@pytest.mark.parametrize("family, variant", [("sdxl", "loha"), ("sdxl", "loha_tucker"), ("sdxl", "lokr_tucker"),
+                                             ("sdxl", "lokr_f4"), ("sd1", "loha_convdim"), ("sd1", "lokr_full")])
+def test_a_converted_file_loads_in_diffusers_to_our_weights(lycoris_file, tmp_path, family, variant):
+    """diffusers' own ``load_lora_weights`` + ``fuse_lora`` of the exact conversion gives the weights
+    our loader gives from the LoHa/LoKr file (float32; convs as LoCon; both text encoders)."""
+    from test_diffusers import make_pipe, snapshot
+
+    fx = lycoris_file(family, variant, naming="kohya" if family == "sdxl" else "diffusers")
+    out, conversion = converted_file(fx.path, tmp_path, family, dtype="fp32")
+    assert conversion.max_error <= 1e-5 and {m.method for m in conversion.modules} == {"exact"}
+    ours = make_pipe(family, tmp_path)
+    ours.load_lycoris(fx.path)
+    theirs = make_pipe(family, tmp_path)
+    theirs.load_lora_weights(str(out))
+    theirs.fuse_lora(lora_scale=1.0)
+    theirs.unload_lora_weights()
+    a, b = snapshot(ours), snapshot(theirs)
+    for key, value in a.items():
+        if key in b and value.is_floating_point():
+            assert torch.allclose(value, b[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_the_command_line_writes_a_report_and_never_overwrites_its_input(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+    from test_cli import make_file  # 4 LoHa and 1 LoKr modules on full-size SDXL layers, 1 that matches none
+
+    from lohakr.loaders.cli import main
+
+    source = make_file(tmp_path)
+    out = tmp_path / "lora.safetensors"
+    assert main(["convert", str(source), "--rank", "2", "--max-error", "0.5", "--dtype", "fp32", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"-> {out} (kohya LoRA, sdxl)" in text and "relative error (Frobenius, per module): max" in text
+    assert "1 module(s) not converted" in text and "attn1_to_nothing [unmatched]" in text
+    with safe_open(str(out), "pt") as f:
+        report = json.loads(f.metadata()["lohakr_conversion"])
+        assert f.metadata()["ss_network_module"] == "networks.lora"
+    assert len(report["source_sha256"]) == 64 and report["modules"]
+    assert all(m["rank"] <= 2 and (m["method"] == "exact" or m["error"] > 0) for m in report["modules"].values())
+    assert main(["convert", str(source), "-o", str(source)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert not list(tmp_path.glob("tmp*.safetensors"))  # the temporary file is gone
+
+
+def test_dora_files_are_refused_with_the_reason(lycoris_file, tmp_path):
+    with pytest.raises(LohakrError, match="DoRA update depends on the base model's weights"):
+        converted_file(lycoris_file("sdxl", "loha_dora_out").path, tmp_path, "sdxl")
