@@ -1,4 +1,4 @@
-"""Exact LoRA factors of a module's update: ``s·R = up @ down``, with no SVD (docs/format.md#factor-shapes).
+"""Exact LoRA factors of a module's update: ``s·R = up @ down``, with no SVD (docs/format.md#conversion-to-lora).
 
 A LoHa update is ``(A1 B1) ⊙ (A2 B2)``. Entry by entry, ``Σ_i A1[o,i] B1[i,q] · Σ_j A2[o,j] B2[j,q]``
 is one sum over index pairs ``(i, j)``, so the update is exactly ``U @ V`` with the row-wise

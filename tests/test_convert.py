@@ -1,4 +1,4 @@
-"""Exact LoRA factors of every LoHa/LoKr variant (docs/format.md#factor-shapes): ``up @ down``
+"""Exact LoRA factors of every LoHa/LoKr variant (docs/format.md#conversion-to-lora): ``up @ down``
 equals the module's ΔW within 1e-6 relative, on real LyCORIS files, at the rank ``exact_rank`` says."""
 
 from __future__ import annotations
