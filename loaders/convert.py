@@ -21,6 +21,7 @@ given rank or error, the error always reported. Writing files and the command li
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -99,10 +100,17 @@ def _svd(update: LayerUpdate, device) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _width(shape: tuple[int, ...]) -> int:
-    width = 1
-    for d in shape[1:]:
-        width *= d
-    return width
+    """The folded input width of a weight shape ``(O, I, k…)``."""
+    return math.prod(shape[1:])
+
+
+def _times_identity(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """A full matrix as ``a @ b`` of the smallest rank without a decomposition: an identity on its
+    smaller side."""
+    rows, columns = matrix.shape
+    if rows <= columns:
+        return torch.eye(rows, dtype=matrix.dtype, device=matrix.device), matrix
+    return matrix, torch.eye(columns, dtype=matrix.dtype, device=matrix.device)
 
 
 def _khatri_rao_rows(a1: Tensor, a2: Tensor) -> Tensor:
@@ -140,11 +148,7 @@ def _lokr_side(update: LokrUpdate, side: str, device) -> tuple[Tensor, Tensor]:
 
     if f"lokr_w{side}" in f:
         full = stored(f"lokr_w{side}")
-        full = full.reshape(full.shape[0], -1)
-        rows, columns = full.shape
-        if rows <= columns:
-            return torch.eye(rows, dtype=full.dtype, device=full.device), full
-        return full, torch.eye(columns, dtype=full.dtype, device=full.device)
+        return _times_identity(full.reshape(full.shape[0], -1))
     a, b = stored(f"lokr_w{side}_a"), rebuild.flatten_factor(stored(f"lokr_w{side}_b"))
     if side == "2" and update.tucker:
         half = rebuild.tucker_inner(stored("lokr_t2"), b)
@@ -172,11 +176,7 @@ def _lora(update: LoraUpdate, device) -> tuple[Tensor, Tensor]:
 
 def _full(update: DiffUpdate, device) -> tuple[Tensor, Tensor]:
     diff = update.float_factor("diff", device)
-    diff = diff.reshape(diff.shape[0], -1)
-    rows, columns = diff.shape
-    if rows <= columns:
-        return torch.eye(rows, dtype=diff.dtype, device=diff.device), diff
-    return diff, torch.eye(columns, dtype=diff.dtype, device=diff.device)
+    return _times_identity(diff.reshape(diff.shape[0], -1))
 
 
 @dataclass

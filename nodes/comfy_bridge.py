@@ -22,7 +22,7 @@ from ..loaders import apply
 from ..loaders.adapter import adapter_cache
 from ..loaders.blocks import BlockWeights
 from ..loaders.errors import LohakrError, NonFiniteUpdateError
-from ..loaders.guard import check_patch, check_strength, provably_finite
+from ..loaders.guard import check_layer, check_strength, provably_finite
 from ..loaders.names import LayerTarget, ModelLayout, guess_block
 from ..loaders.plan import LoadPlan, composed_strength, log_report, plan_load
 from ..loaders.report import LoadReport
@@ -275,10 +275,4 @@ def _check_finite(host_weights: dict[str, torch.Tensor],
     for host_key, contributions in on_weight.items():
         weight = host_weights[host_key].detach()
 
-        def trial(weight=weight, contributions=contributions) -> torch.Tensor:
-            work = weight.to(torch.float32, copy=True)
-            for module, strength in contributions:
-                apply.add_to(work, module, strength)
-            return work.to(weight.dtype)
-
-        check_patch(contributions, weight.dtype, host_key, trial)
+        check_layer(host_key, weight, weight, contributions)
