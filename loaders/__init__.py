@@ -35,6 +35,7 @@ _PUBLIC: dict[str, str] = {
     "NonFiniteUpdateError": "errors",
     "NothingToApplyError": "errors",
     "PatchedAdapter": "patcher",
+    "SourceFileChangedError": "errors",
     "StrictLoadError": "errors",
     "WeightPatcher": "patcher",
     "enable": "diffusers_pipeline",

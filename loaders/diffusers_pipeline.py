@@ -25,6 +25,7 @@ from .names import ModelLayout
 from .patcher import PatchedAdapter, WeightPatcher
 from .plan import log_report, plan_load
 from .report import LoadReport
+from .sources import SourceIndex
 
 logger = logging.getLogger("lohakr")
 
@@ -177,13 +178,22 @@ class LoadedAdapter:
         return f"{self.name}: {self.algorithms}, {self.applied}/{self.modules} modules applied; {strengths}{extra}"
 
 
-def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = False) -> Any:
+def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = False,
+           source_files: str | os.PathLike | Iterable | Mapping | None = None) -> Any:
     """Give an existing pipeline instance the ``LycorisLoaderMixin`` methods; returns it.
 
     ``keep_originals_on``: where the original weights are kept for exact unloading. ``"auto"``
-    (default): beside the weights when they are on the CPU or on a GPU with a safe margin of memory
-    to spare (no copy at all), else on the CPU; ``"cpu"``: always on the CPU (no extra GPU memory);
-    ``None``: always beside the weights.
+    (default): in the safetensors files the components were loaded from, where those are known
+    and the weight still equals the file (patched in place, read back from the file on a strength
+    change or unload: no second copy in memory); otherwise beside the weights when they are on the
+    CPU or on a GPU with a safe margin of memory to spare (no copy at all), else on the CPU.
+    ``"cpu"``: always in memory, on the CPU (no extra GPU memory); ``None``: always in memory beside
+    the weights.
+
+    ``source_files``: the files the pipeline was loaded from, when ``from_pretrained`` did not
+    record them: the single-file checkpoint of ``from_single_file`` (original SGM keys), a folder,
+    a list of files, or a dict per component (``{"unet": "unet.safetensors"}``). Found by
+    themselves after ``from_pretrained`` from a local folder.
 
     ``fuse=True``: keep no originals; every load adds into the weights for good (no extra memory,
     fastest), and strengths can then not change nor adapters be unloaded (reload the model).
@@ -198,6 +208,7 @@ def enable(pipe: Any, *, keep_originals_on: str | None = "auto", fuse: bool = Fa
         del pipe.__dict__["_lohakr_patcher"]
     pipe.__dict__["_lohakr_keep_originals_on"] = keep_originals_on
     pipe.__dict__["_lohakr_fuse"] = fuse
+    pipe.__dict__["_lohakr_source_files"] = source_files
     for name in ("load_lycoris", "load_loha", "load_lokr", "set_lycoris_strength", "unload_lycoris",
                  "lycoris_batch", "lycoris_adapters"):
         setattr(pipe, name, types.MethodType(getattr(LycorisLoaderMixin, name), pipe))
@@ -242,6 +253,15 @@ def _patcher(pipe: Any) -> WeightPatcher:
     return patcher
 
 
+def _sources(pipe: Any, patcher: WeightPatcher) -> SourceIndex | None:
+    """The files the pipeline's components came from, where originals may stay (``"auto"`` only)."""
+    if patcher.fuse or patcher.keep_originals_on != "auto":
+        return None
+    components = {c: m for c in COMPONENTS if (m := getattr(pipe, c, None)) is not None}
+    opened = pipe.__dict__.setdefault("_lohakr_opened_files", {})
+    return SourceIndex(components, pipe.__dict__.get("_lohakr_source_files"), opened)
+
+
 def _get(patcher: WeightPatcher, name: str) -> PatchedAdapter:
     if name not in patcher.adapters:
         loaded = ", ".join(patcher.adapters) or "none"
@@ -269,7 +289,14 @@ def _load(pipe, path_or_dict, adapter_name, required_kind, strength, text_encode
     plan = plan_load(adapter, pipeline_layout(pipe), name=name, block_weights=block_weights, strengths=strengths,
                      strict=strict, allow_base_mismatch=allow_base_mismatch)
     entry = PatchedAdapter(name, plan.matches, plan.report, strengths, plan.block_weights)
-    patcher.add(entry, _progress(pipe, f"lohakr: {name}", len(plan.matches)))
+    notes_before = len(patcher.originals.notes)
+    patcher.add(entry, _progress(pipe, f"lohakr: {name}", len(plan.matches)), _sources(pipe, patcher))
+    if not patcher.fuse:
+        plan.report.originals = patcher.originals.summary()
+        fallbacks = patcher.originals.notes[notes_before:]
+        if fallbacks:
+            plan.report.warnings.append(f"{len(fallbacks)} weight(s) differ from the file they were loaded from, so "
+                                        f"their originals are kept in memory; first: {fallbacks[0]}")
     log_report(plan.report)
     return plan.report
 

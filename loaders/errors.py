@@ -51,3 +51,8 @@ class NonFiniteUpdateError(LohakrError):
 
 class NothingToApplyError(LohakrError):
     """No module of the file applies to this model: the load would change nothing."""
+
+
+class SourceFileChangedError(LohakrError):
+    """A file that holds originals of patched weights changed on disk since they were loaded from it
+    (docs/architecture.md#originals-in-files)."""

@@ -36,6 +36,7 @@ from .originals import OriginalStore, layer_of
 from .plan import composed_strength
 from .report import LoadReport
 from .resolve import Match
+from .sources import SourceIndex
 
 
 @dataclass(eq=False)
@@ -93,8 +94,10 @@ class WeightPatcher:
         self._pending: dict[str, LayerTarget] | None = None  # targets to recompute when a batch ends
 
     # -- public -------------------------------------------------------------------------------
-    def add(self, adapter: PatchedAdapter, progress: Callable[[Iterable], Iterable] | None = None) -> None:
-        """Apply ``adapter``; on any error the weights and the loaded adapters are as before."""
+    def add(self, adapter: PatchedAdapter, progress: Callable[[Iterable], Iterable] | None = None,
+            sources: SourceIndex | None = None) -> None:
+        """Apply ``adapter``; on any error the weights and the loaded adapters are as before.
+        ``sources``: the files the model's weights came from, where originals may stay."""
         if adapter.name in self.adapters:
             raise ValueError(f"an adapter named {adapter.name!r} is already loaded")
         self._counter += 1
@@ -106,7 +109,7 @@ class WeightPatcher:
             return
         with self._transaction(adapter.targets, progress):
             self.adapters[adapter.name] = adapter
-            self.originals.keep(adapter.targets)
+            self.originals.keep(adapter.targets, sources)
 
     def update(self, name: str, progress=None, *, component_strength: Mapping[str, float] | None = None,
                block_weights: BlockWeights | None = None) -> None:
@@ -211,10 +214,12 @@ class WeightPatcher:
         targets = list(targets)
         index = self._index()
         workspace = Workspace()
+        self.originals.check_files(targets)
         for target in targets:
             kept = self.originals.get(target.key)
             if kept is not None and index.get(target.key):
-                check_layer(target.key, kept.weight, layer_of(target).weight.detach(), index[target.key], workspace)
+                check_layer(target.key, self.originals.original_values(target), layer_of(target).weight.detach(),
+                            index[target.key], workspace)
         # New storage for every weight that still is its original, taken before any layer's working
         # buffers: allocated in between, the long-lived weights pin the freed buffers' heap pages
         # (resident memory that only malloc_trim would give back).
@@ -222,7 +227,8 @@ class WeightPatcher:
         for target in targets:
             kept = self.originals.get(target.key)
             live = layer_of(target).weight
-            if kept is not None and index.get(target.key) and apply.shares_memory(live, kept.weight):
+            if kept is not None and kept.file is None and index.get(target.key) and apply.shares_memory(live,
+                                                                                                        kept.weight):
                 new_storage[target.key] = torch.empty_like(live)
         with torch.no_grad():
             for target in progress(targets) if progress else targets:
@@ -237,12 +243,14 @@ class WeightPatcher:
     def _write_layer(self, target: LayerTarget, contributions: list[Contribution], workspace: Workspace,
                      storage: Tensor | None) -> None:
         """``W0 + Σ contributions`` into the layer; to new storage (``storage`` if given) while the
-        live weight still is the kept original, else over the patched values in place."""
-        layer, kept = layer_of(target), self.originals.get(target.key)
+        live weight still is an original kept in memory, else in place (over patched values, or
+        over a weight whose original is its source file)."""
+        layer = layer_of(target)
         param = layer.weight
-        fresh = apply.shares_memory(param, kept.weight)
+        source = self.originals.source_for_write(target)  # may move a file original to memory
+        kept = self.originals.get(target.key)
+        fresh = kept.file is None and apply.shares_memory(param, kept.weight)
         weight = (storage if storage is not None else torch.empty_like(param)) if fresh else param.detach()
-        source = kept.weight if kept.weight.device == param.device else kept.weight.to(param.device)
         apply.patch(weight, source, contributions, workspace)
         if fresh:
             param.data = weight

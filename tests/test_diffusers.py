@@ -16,12 +16,25 @@ from lohakr.loaders.diffusers_pipeline import pipeline_layout
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def make_pipe(family, tmp_path, dtype=torch.float32):
+def make_pipe(family, tmp_path, dtype=torch.float32, origin="memory"):
+    """A tiny pipeline. ``origin="mapped"``: saved as a diffusers folder and loaded back with
+    ``from_pretrained`` (weights are views of the mapped files, which keep the originals);
+    ``"copied"``: then copied into memory (patched in place, originals read back from the files);
+    docs/architecture.md#originals-in-files."""
     if family == "sdxl":
         pipe = tiny_models.make_sdxl_pipeline(tmp_path / "tok")
     else:
         pipe = tiny_models.make_sd15_pipeline(tmp_path / "tok")
     pipe.to(dtype=dtype)
+    if origin != "memory":
+        folder = tmp_path / f"saved_{family}_{str(dtype)[6:]}"
+        if not folder.exists():
+            pipe.save_pretrained(folder)
+        pipe = type(pipe).from_pretrained(folder, dtype=dtype)
+        if origin == "copied":
+            for component in COMPONENTS:
+                for param in getattr(pipe, component).parameters() if getattr(pipe, component, None) else ():
+                    param.data = param.data.clone()
     pipe.set_progress_bar_config(disable=True)
     return lohakr.enable(pipe)
 
@@ -52,15 +65,17 @@ def loader_for(variant):
     return "load_loha" if variant.startswith("loha") else "load_lokr"
 
 
+@pytest.mark.parametrize("origin", ["memory", "mapped", "copied"])
 @pytest.mark.parametrize("family", ["sdxl", "sd1"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_patched_weights_equal_lycoris_reference(lycoris_file, tmp_path, family, variant):
+def test_patched_weights_equal_lycoris_reference(lycoris_file, tmp_path, family, variant, origin):
     naming = "kohya" if family == "sdxl" and variant in ("loha", "lokr_tucker", "loha_dora_in") else "diffusers"
     fx = lycoris_file(family, variant, naming=naming)
-    pipe = make_pipe(family, tmp_path)
+    pipe = make_pipe(family, tmp_path, origin=origin)
     strength = 0.7
     report = getattr(pipe, loader_for(variant))(fx.path, strength=strength)
     assert report.complete and len(report.applied) == len(fx.expected)
+    assert set(report.originals) == {{"memory": "ram", "copied": "file"}.get(origin, origin)}, report.originals
     layout = pipeline_layout(pipe)
     for outcome in report.applied:
         ref = fx.expected[outcome.module]
@@ -105,9 +120,10 @@ def test_outputs_match_lycoris_network_forward(lycoris_file, tmp_path, family, v
         fx.network.set_multiplier(1.0)
 
 
+@pytest.mark.parametrize("origin", ["memory", "mapped", "copied"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_unload_is_bit_exact_and_denoising_is_identical(lycoris_file, tmp_path, dtype):
-    pipe = make_pipe("sdxl", tmp_path, dtype)
+def test_unload_is_bit_exact_and_denoising_is_identical(lycoris_file, tmp_path, dtype, origin):
+    pipe = make_pipe("sdxl", tmp_path, dtype, origin)
     before = snapshot(pipe)
 
     def latent():

@@ -1,0 +1,346 @@
+"""Where a model's weights came from: the safetensors files they were loaded from, so that the
+original of a patched weight can live there instead of in memory (docs/architecture.md#originals-in-files).
+
+A ``SourceIndex`` answers, for one patchable layer, which tensor of which file holds its weight as
+it was loaded (``FileTensor``). Nothing here trusts that answer blindly: the patcher compares the
+live weight with the file's bytes before the first in-place write, and checks each file's identity
+(device, inode, size, modification time) before it reads an original back. The tensors are read
+through a private memory map: no copy, only the page cache.
+
+Files are found from the components themselves (``from_pretrained`` records the folder it read:
+``config._name_or_path``), or given by the user (``lohakr.enable(pipe, source_files=...)``), for
+instance the single-file checkpoint a pipeline was made from with ``from_single_file`` (original
+SGM keys).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LohakrError, SourceFileChangedError
+from .names import LayerTarget
+from .stored import StoredTensor, read_header
+
+TORCH_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+# The files ``from_pretrained`` reads, in diffusers' and transformers' order of preference.
+WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+INDEX_FILE_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+# Key prefixes of each component inside a single-file (original SGM) checkpoint; the UNet's keys
+# come from its SGM paths instead.
+SINGLE_FILE_PREFIXES = {
+    "text_encoder": ("conditioner.embedders.0.transformer.", "cond_stage_model.transformer."),
+    "text_encoder_2": (),  # OpenCLIP: q/k/v fused into in_proj; its layers keep originals in memory
+}
+UNET_SINGLE_FILE_PREFIX = "model.diffusion_model."
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What says a file is still the one the weights were read from."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str) -> FileIdentity:
+        stat = os.stat(path)
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class SafetensorsFile:
+    """One safetensors file: its header, read once, and its tensors as zero-copy views of a private
+    memory map (opened on first use)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(Path(path).resolve())
+        self.identity = FileIdentity.of(self.path)
+        with open(self.path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+        self.tensors: dict[str, StoredTensor] = read_header(self.path, header_length, self.identity.size)[0]
+        self._map: mmap.mmap | None = None
+
+    def check_unchanged(self) -> None:
+        """Raise ``SourceFileChangedError`` if the file is not the one read at first (replaced, rewritten,
+        truncated or gone)."""
+        try:
+            now = FileIdentity.of(self.path)
+        except OSError as err:
+            raise SourceFileChangedError(f"{self.path}: the file the model's original weights are read back from is "
+                                    f"gone ({err.strerror}); the model was left as it is: reload it") from err
+        if now != self.identity:
+            raise SourceFileChangedError(
+                f"{self.path}: the file the model was loaded from changed on disk since (size {self.identity.size} → "
+                f"{now.size} bytes, or modified), so it no longer holds the original weights; the model was left as "
+                "it is: reload the model to unload or re-weight adapters"
+            )
+
+    def view(self, key: str) -> Tensor:
+        """Tensor ``key`` as a read-only-by-convention view of the mapped file (never written: the
+        mapping is private, so a write would only change this process's copy of the page)."""
+        stored = self.tensors[key]
+        dtype = TORCH_DTYPES.get(stored.dtype)
+        if dtype is None:
+            raise LohakrError(f"{self.path}: tensor {key!r} has dtype {stored.dtype}, which this torch cannot read")
+        if self._map is None:
+            with open(self.path, "rb") as handle:
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = stored.numel()
+        if count == 0:
+            return torch.empty(stored.shape, dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=stored.start).view(stored.shape)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map = None  # views keep the map alive until they are gone
+
+
+@dataclass(frozen=True, eq=False)
+class FileTensor:
+    """One weight's original: tensor ``key`` of ``file``, viewed in the live weight's shape."""
+
+    file: SafetensorsFile
+    key: str
+    shape: tuple[int, ...]
+
+    def view(self) -> Tensor:
+        return self.file.view(self.key).view(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        stored = self.file.tensors[self.key]
+        return stored.stop - stored.start
+
+
+@dataclass
+class ComponentSource:
+    """The files one component's weights were read from, and how its keys are spelled in them."""
+
+    files: list[SafetensorsFile]
+    single_file: bool = False  # original SGM keys (a from_single_file checkpoint) rather than the model's own
+    keys: dict[str, SafetensorsFile] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = {key: f for f in self.files for key in f.tensors}
+
+
+class SourceIndex:
+    """Per pipeline: for each component, the files its weights came from, found or given."""
+
+    def __init__(self, components: Mapping[str, nn.Module],
+                 given: str | os.PathLike | Iterable | Mapping | None = None,
+                 opened: dict[str, SafetensorsFile] | None = None):
+        """``given``: the user's ``source_files`` (raises ``LohakrError`` if a path is not there);
+        without it, each component's files are found from what ``from_pretrained`` recorded.
+        ``opened``: files read before, by path, reused while unchanged on disk."""
+        self.components = dict(components)
+        self.sources: dict[str, ComponentSource] = {}
+        self.notes: list[str] = []  # why a component has no source file, for the report
+        opened = {} if opened is None else opened
+        for name, module in self.components.items():
+            if given is not None:
+                try:
+                    paths, single = _given_paths(given, name)
+                except OSError as err:
+                    raise LohakrError(f"source_files: {err}; give the safetensors file(s) the pipeline was "
+                                      "loaded from") from err
+            else:
+                paths, single = _found_paths(module), False
+            if not paths:
+                self.notes.append(f"{name}: no safetensors file it was loaded from is known")
+                continue
+            try:
+                self.sources[name] = ComponentSource([_open(p, opened) for p in paths], single)
+            except (OSError, LohakrError) as err:
+                if given is not None:
+                    raise
+                self.notes.append(f"{name}: its weights file cannot be read ({err})")
+        self._names: dict[str, dict[int, str]] = {}
+
+    def find(self, target: LayerTarget, weight: Tensor) -> FileTensor | None:
+        """The file tensor holding ``target``'s weight as loaded, when one has its dtype and size
+        (shapes may differ, as a 1×1 conv stored as a linear weight): a candidate only; the patcher
+        compares bytes before it relies on it."""
+        source = self.sources.get(target.component)
+        if source is None:
+            return None
+        for key in self._candidate_keys(target, source):
+            file = source.keys.get(key)
+            if file is None:
+                continue
+            stored = file.tensors[key]
+            if TORCH_DTYPES.get(stored.dtype) == weight.dtype and stored.numel() == weight.numel():
+                return FileTensor(file, key, tuple(weight.shape))
+        return None
+
+    def _candidate_keys(self, target: LayerTarget, source: ComponentSource) -> list[str]:
+        name = self._parameter_name(target)
+        if name is None:
+            return []
+        bare = name.removeprefix("text_model.")
+        variants = [name, bare, f"text_model.{bare}"]
+        if not source.single_file:
+            return variants
+        if target.component == "unet":
+            return [f"{UNET_SINGLE_FILE_PREFIX}{target.sgm_path}.weight"] if target.sgm_path else []
+        return [prefix + v for prefix in SINGLE_FILE_PREFIXES.get(target.component, ()) for v in variants[1:]]
+
+    def _parameter_name(self, target: LayerTarget) -> str | None:
+        """The weight's name in its component's state dict (``encoder.layers.0.mlp.fc1.weight``)."""
+        module = self.components.get(target.component)
+        if module is None or target.layer is None:
+            return None
+        names = self._names.get(target.component)
+        if names is None:
+            names = self._names[target.component] = {id(p): n for n, p in module.named_parameters()}
+        return names.get(id(target.layer.weight))
+
+    @property
+    def files(self) -> list[SafetensorsFile]:
+        return list({id(f): f for s in self.sources.values() for f in s.files}.values())
+
+
+def _open(path: str, opened: dict[str, SafetensorsFile]) -> SafetensorsFile:
+    """The file at ``path``, reusing the one in ``opened`` while it is unchanged on disk."""
+    resolved = str(Path(path).resolve())
+    known = opened.get(resolved)
+    if known is None or known.identity != FileIdentity.of(resolved):
+        known = opened[resolved] = SafetensorsFile(resolved)
+    return known
+
+
+def _found_paths(module: nn.Module) -> list[str]:
+    """The safetensors files ``from_pretrained`` read ``module`` from, if it recorded a local folder."""
+    config = getattr(module, "config", None)
+    folder = getattr(config, "_name_or_path", None) or getattr(module, "name_or_path", None)
+    if not folder or not os.path.isdir(folder):
+        return []
+    return _files_in(folder)
+
+
+def _files_in(folder: str) -> list[str]:
+    for index_name in INDEX_FILE_NAMES:
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle).get("weight_map", {}).values()))
+            return [os.path.join(folder, s) for s in shards if os.path.isfile(os.path.join(folder, s))]
+    for name in WEIGHT_FILE_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return [path]
+    return []
+
+
+def _given_paths(given, component: str) -> tuple[list[str], bool]:
+    """The user's ``source_files`` for ``component``: a single-file checkpoint (every component), a
+    folder, a list of files, or a dict per component. A single ``.safetensors`` file given for the
+    whole pipeline is read as an original SGM checkpoint."""
+    if isinstance(given, Mapping):
+        if component not in given:
+            return [], False
+        return _paths_of(given[component]), False
+    paths = _paths_of(given)
+    single = isinstance(given, (str, os.PathLike)) and os.path.isfile(given)
+    return paths, single
+
+
+def _paths_of(spec) -> list[str]:
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[str] = []
+    for item in specs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = _files_in(item)
+            if not found:
+                raise FileNotFoundError(f"no safetensors weights in folder {item}")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"source file {item} does not exist")
+    return paths
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A file mapped into this process (as diffusers and transformers map safetensors files: the
+    model's weights are copy-on-write views of it), by its address range."""
+
+    start: int
+    stop: int
+    path: str
+    identity: FileIdentity
+
+    def check_unchanged(self) -> None:
+        """Raise ``SourceFileChangedError`` if the mapped file itself was modified since (the kernel then
+        shows the new bytes, and drops even copied pages when it is truncated); a file replaced or
+        deleted under its name keeps the mapped one intact."""
+        try:
+            now = _mapped_identity(self.start, self.stop, self.path)
+        except OSError:
+            return  # the mapping is gone from view: nothing in it can have changed for us
+        modified = (now.size, now.mtime_ns) != (self.identity.size, self.identity.mtime_ns)
+        if modified and now.inode == self.identity.inode:
+            raise SourceFileChangedError(
+                f"{self.path}: the file the model's weights are mapped from was modified on disk since they were "
+                "loaded, so it no longer holds their originals; the model was left as it is: reload it"
+            )
+
+
+def mapped_files() -> list[MappedFile]:
+    """The regular files mapped into this process, from ``/proc/self/maps`` (Linux; elsewhere none,
+    and weights are then taken for ordinary memory)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/") or parts[5].startswith(("/dev/", "/memfd:")):
+            continue
+        path = parts[5].removesuffix(" (deleted)")
+        start, stop = (int(x, 16) for x in parts[0].split("-"))
+        try:
+            identity = _mapped_identity(start, stop, path)
+        except OSError:
+            continue
+        found.append(MappedFile(start, stop, path, identity))
+    return found
+
+
+def mapping_of(tensor: Tensor, mappings: list[MappedFile]) -> MappedFile | None:
+    """The mapped file ``tensor``'s bytes lie in, if any (CPU tensors only)."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return None
+    start = tensor.data_ptr()
+    stop = start + tensor.numel() * tensor.element_size()
+    for mapped in mappings:
+        if mapped.start <= start and stop <= mapped.stop:
+            return mapped
+    return None
+
+
+def _mapped_identity(start: int, stop: int, path: str) -> FileIdentity:
+    """The mapped inode's identity: through ``/proc/self/map_files`` (the very file mapped, even if
+    renamed over or deleted), else by its path."""
+    try:
+        return FileIdentity.of(f"/proc/self/map_files/{start:x}-{stop:x}")
+    except OSError:
+        return FileIdentity.of(path)
