@@ -235,13 +235,15 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", default="loha_d32_tucker,lokr_f8,lokr_full_w2")
     parser.add_argument("--json")
     parser.add_argument("--report")
+    parser.add_argument("--markdown", action="store_true", help="with --report: the table of benchmarks/README.md")
     parser.add_argument("--child", nargs=3, metavar=("CONTENDER", "MEMORY", "ADAPTER"))
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child)))
         return 0
     if args.report:
-        summarize(json.loads(Path(args.report).read_text()))
+        report = json.loads(Path(args.report).read_text())
+        print(markdown(report)) if args.markdown else summarize(report)
         return 0
 
     import torch
@@ -317,6 +319,37 @@ def summarize(report: dict) -> None:
             if "reload" in ok[0]:
                 line += f", load again {median_of(ok, 'reload', 's'):.2f} s"
             print(line)
+
+
+ADAPTER_NAMES = {"loha_d32_tucker": "LoHa dim 32, conv Tucker", "lokr_f8": "LoKr factor 8",
+                 "lokr_full_w2": "LoKr full w2"}
+
+
+def markdown(report: dict) -> str:
+    """Per adapter and contender: median first load (× bound), strength change, unload, extra memory."""
+    lines = ["| adapter | contender | model in | first load (× bound) | strength | unload | load again | "
+             "extra memory (peak) |", "|---|---|---|---|---|---|---|---|"]
+    for name, entry in report["adapters"].items():
+        if "bound_with_fresh_pages_s" not in entry:
+            fresh = statistics.median(r["first_touch_bandwidth"] for r in entry["roofline"])
+            entry["bound_with_fresh_pages_s"] = entry["bound_s"] + entry["bytes_min"] / 2 / fresh
+        groups: dict[tuple, list] = {}
+        for run in entry["runs"]:
+            groups.setdefault((run["contender"], run["memory"]), []).append(run)
+        for (contender, memory), runs in groups.items():
+            ok = [r for r in runs if "load" in r]
+            if not ok:
+                continue
+            load = median_of(ok, "load", "s")
+            times = f"{load:.2f} s ({load / entry['bound_s']:.1f}×"
+            with_fresh = load / entry["bound_with_fresh_pages_s"]
+            times += f"; {with_fresh:.1f}× with fresh pages)" if memory == "mapped" else ")"
+            cells = [ADAPTER_NAMES.get(name, name), contender, memory, times]
+            for step in ("strength", "unload", "reload"):
+                cells.append(f"{median_of(ok, step, 's'):.2f} s" if step in ok[0] else "")
+            cells.append(f"+{median_of(ok, 'load', 'peak_extra_bytes') / 2**20:.0f} MiB")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Command line: ``python -m lohakr info FILE`` (and ``demo``, see ``lohakr.loaders.demo``)."""
+"""Command line: ``python -m lohakr info FILE``, ``convert``, ``merge``, ``bake`` (and ``demo``, see
+``lohakr.loaders.demo``)."""
 
 from __future__ import annotations
 
@@ -38,33 +39,93 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_adapter, format_conversion
+
+    adapter = load_adapter(args.file)
+    family = _family(args.model, [adapter])
+    conversion = convert_adapter(adapter, _layout(family), _rank(args.rank), args.max_error, args.dtype)
+    out = _write_atomically(conversion, args.output, [adapter.source])
+    print(f"{adapter.source} -> {out} (kohya LoRA, {family})")
+    print(format_conversion(conversion))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .bake import BakeAdapter
+    from .convert import format_conversion, merge_adapters
+
+    specs = [BakeAdapter.parse(spec) for spec in args.files]
+    for spec in specs:
+        if spec.block_weights:
+            raise LohakrError(f"{spec.path}: merge takes FILE[:STRENGTH]; block weights are not merged into a LoRA")
+    adapters = [(load_adapter(spec.path), spec.strength) for spec in specs]
+    family = _family(args.model, [a for a, _ in adapters])
+    merged = merge_adapters(adapters, _layout(family), _rank(args.rank), args.max_error, args.dtype)
+    out = _write_atomically(merged, args.output, [a.source for a, _ in adapters])
+    print(f"{len(adapters)} adapters -> {out} (kohya LoRA, {family}; load it at strength 1 for the stack)")
+    print(format_conversion(merged))
+    return 0
+
+
+def _family(model: str, adapters) -> str:
+    family = model if model != "auto" else adapters[0].base_model
+    if family not in ("sdxl", "sd1"):
+        raise LohakrError(f"{adapters[0].source}: the base model is {adapters[0].base_model_name}; "
+                          "pass --model sdxl or sd1")
+    return family
+
+
+def _layout(family: str):
+    from .reference_models import reference_layout
+
+    return reference_layout(family)
+
+
+def _rank(rank: str) -> int | str:
+    if rank == "exact":
+        return rank
+    try:
+        return int(rank)
+    except ValueError:
+        raise LohakrError(f"--rank {rank!r}: give 'exact' or a positive integer") from None
+
+
+def _write_atomically(conversion, output: str, inputs: list[str]) -> str:
+    """The converted tensors written beside ``output``, then renamed: a killed run leaves no partial
+    file; refuses to overwrite an input."""
     import os
     import tempfile
 
     from safetensors.torch import save_file
 
-    from .convert import convert_adapter, format_conversion
-    from .reference_models import reference_layout
-
-    adapter = load_adapter(args.file)
-    family = args.model if args.model != "auto" else adapter.base_model
-    if family not in ("sdxl", "sd1"):
-        raise LohakrError(f"{adapter.source}: the base model is {adapter.base_model_name}; pass --model sdxl or sd1")
-    rank = args.rank if args.rank == "exact" else int(args.rank)
-    conversion = convert_adapter(adapter, reference_layout(family), rank, args.max_error, args.dtype)
-    out = os.path.abspath(args.output)
-    if os.path.abspath(adapter.source) == out:
-        raise LohakrError(f"{out}: the output would overwrite the input; choose another path")
+    out = os.path.abspath(output)
+    if out in {os.path.abspath(path) for path in inputs}:
+        which = "the input" if len(inputs) == 1 else "one of the inputs"
+        raise LohakrError(f"{out}: the output would overwrite {which}; choose another path")
     handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=os.path.dirname(out))
     os.close(handle)
-    try:  # written beside the target, then renamed: a killed conversion leaves no partial file
+    try:
         save_file(conversion.tensors, temporary, conversion.metadata)
         os.replace(temporary, out)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-    print(f"{adapter.source} -> {out} (kohya LoRA, {family})")
-    print(format_conversion(conversion))
+    return out
+
+
+def _bake(args: argparse.Namespace) -> int:
+    from .bake import BakeAdapter, bake
+
+    def progress(items, total):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            return items
+        return tqdm(items, total=total, desc="lohakr bake", leave=False, disable=not sys.stderr.isatty())
+
+    result = bake(args.base, [BakeAdapter.parse(spec) for spec in args.adapter], args.output,
+                  allow_base_mismatch=args.allow_base_mismatch, progress=progress)
+    print(result.format())
     return 0
 
 
@@ -101,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the base model whose layers the file targets (default: detected)")
     convert.add_argument("-o", "--output", required=True, help="the LoRA file to write")
     convert.set_defaults(run=_convert)
+    merge = sub.add_parser("merge", help="several adapters as one LoRA file: exact where the summed ranks allow, "
+                           "else SVD")
+    merge.add_argument("files", nargs="+", metavar="FILE[:STRENGTH]", help="the adapters and their strengths")
+    merge.add_argument("--rank", default="exact", help="'exact' (default) or the largest rank to store per module")
+    merge.add_argument("--max-error", type=float, default=None,
+                       help="with SVD, the smallest rank whose relative Frobenius error is at most this")
+    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                       help="stored dtype (default: the first file's)")
+    merge.add_argument("--model", choices=["auto", "sdxl", "sd1"], default="auto",
+                       help="the base model (default: detected from the first file)")
+    merge.add_argument("-o", "--output", required=True, help="the LoRA file to write")
+    merge.set_defaults(run=_merge)
+    bake = sub.add_parser("bake", help="adapters merged into a copy of a diffusers model folder, streamed")
+    bake.add_argument("base", help="a diffusers model folder (unet/, text_encoder/, text_encoder_2/)")
+    bake.add_argument("--adapter", action="append", required=True, metavar="FILE[:STRENGTH[:BLOCKWEIGHTS]]",
+                      help="an adapter to bake, at a strength (default 1) and block weights; repeat for a stack")
+    bake.add_argument("--allow-base-mismatch", action="store_true",
+                      help="bake what fits of an adapter made for another base model")
+    bake.add_argument("-o", "--output", required=True, help="the folder to write (must not exist)")
+    bake.set_defaults(run=_bake)
     # The demo's own options are parsed when it runs: its module imports torch and diffusers, which
     # `info` does without (a description in well under a second).
     demo = sub.add_parser("demo", add_help=False, help="patch a tiny SDXL pipeline with LoHa and LoKr, save a picture "

@@ -89,12 +89,8 @@ def _svd(update: LayerUpdate, device) -> tuple[Tensor, Tensor, Tensor]:
     """The thin SVD of ``s·R``. From the exact factors when their rank is below the layer's: QR of
     each, then the SVD of an R×R core (O·R² work, not O·I·min(O, I)); else of ΔW itself."""
     shape = update.weight_shape
-    exact = exact_lora(update, device)
-    if exact.rank < min(shape[0], _width(shape)):
-        q_up, r_up = torch.linalg.qr(exact.up)
-        q_down, r_down = torch.linalg.qr(exact.down.t())
-        u_core, singular, vh_core = torch.linalg.svd(r_up @ r_down.t())
-        return q_up @ u_core, singular, vh_core @ q_down.t()
+    if exact_rank(update) < min(shape[0], _width(shape)):
+        return _svd_of_factors(exact_lora(update, device), shape)
     delta = update.delta(shape, device).reshape(shape[0], -1)
     return torch.linalg.svd(delta, full_matrices=False)
 
@@ -209,7 +205,11 @@ def to_lora(update: LayerUpdate, rank: int | str = "exact", max_error: float | N
         return Conversion(exact_lora(update, device), "exact", 0.0)
     if update.dora:
         exact_lora(update)  # raises, naming the module
-    u, singular, vh = _svd(update, device)
+    return _truncated(*_svd(update, device), rank, max_error)
+
+
+def _truncated(u: Tensor, singular: Tensor, vh: Tensor, rank: int | str, max_error: float | None) -> Conversion:
+    """An SVD cut at ``rank``, or at the smallest rank whose relative error is at most ``max_error``."""
     energy = singular.double().square()
     total = float(energy.sum())
     # error(k) = sqrt(Σ_{i ≥ k} σ_i²) / ‖ΔW‖: the tail left out at rank k
@@ -218,8 +218,22 @@ def to_lora(update: LayerUpdate, rank: int | str = "exact", max_error: float | N
     if max_error is not None:
         keep = min(keep, next(k for k, tail in enumerate(tails) if tail <= max_error))
     keep = max(keep, 1)
-    up = u[:, :keep] * singular[:keep]
-    return Conversion(LoraFactors(up.contiguous(), vh[:keep].contiguous()), "svd", tails[keep] if total else 0.0)
+    # Each factor takes the square root of the singular values: both then have ΔW's magnitude's
+    # square root, which fp16/bf16 hold where a small ΔW in one factor would underflow.
+    root = singular[:keep].sqrt()
+    up, down = u[:, :keep] * root, root[:, None] * vh[:keep]
+    return Conversion(LoraFactors(up.contiguous(), down.contiguous()), "svd", tails[keep] if total else 0.0)
+
+
+def _svd_of_factors(factors: LoraFactors, shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of ``up @ down``: by QR of each factor and an R×R core when R is below the
+    layer's rank, else of the product itself."""
+    if factors.rank < min(shape[0], _width(shape)):
+        q_up, r_up = torch.linalg.qr(factors.up)
+        q_down, r_down = torch.linalg.qr(factors.down.t())
+        u_core, singular, vh_core = torch.linalg.svd(r_up @ r_down.t())
+        return q_up @ u_core, singular, vh_core @ q_down.t()
+    return torch.linalg.svd(factors.up @ factors.down, full_matrices=False)
 
 
 # -- a whole file ----------------------------------------------------------------------------------------
@@ -301,22 +315,32 @@ def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float
         module, target = match.module, match.target
         name = kohya_name(module.name, target, layout.family)
         shape = tuple(target.weight_shape)
-        kernel_ones = (1,) * (len(shape) - 2)
-        up = conversion.factors.up
-        up = (up * (conversion.rank / alpha) if conversion.rank != alpha else up).to(stored)
-        down = conversion.factors.down.to(stored)
-        delta = module.delta(shape).reshape(shape[0], -1)
-        written = up.float() @ down.float() * (alpha / conversion.rank)  # what a consumer builds from the file
-        achieved = (written - delta).norm() / delta.norm().clamp_min(1e-30)
-        tensors[f"{name}.lora_up.weight"] = up.reshape(shape[0], conversion.rank, *kernel_ones).contiguous()
-        tensors[f"{name}.lora_down.weight"] = down.reshape(conversion.rank, *shape[1:]).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-        if module.has_bias_delta:
-            tensors[f"{name}.diff_b"] = module.bias_delta().to(stored)
-        lines.append(ModuleConversion(module.name, name, conversion.method, conversion.rank, float(achieved)))
+        bias = module.bias_delta() if module.has_bias_delta else None
+        achieved = _write_module(tensors, name, conversion, shape, alpha, stored, module.delta(shape), bias)
+        lines.append(ModuleConversion(module.name, name, conversion.method, conversion.rank, achieved))
     metadata = _conversion_metadata(adapter, lines, rank, max_error, stored)
     skipped = [f"{o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
     return FileConversion(tensors, metadata, lines, skipped)
+
+
+def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion, shape: tuple[int, ...],
+                  alpha: float, stored: torch.dtype, delta: Tensor, bias: Tensor | None) -> float:
+    """One kohya LoRA module into ``tensors`` (``up`` carrying rank/alpha, a conv's ``down`` as
+    ``(R, I, k…)`` and ``up`` as ``(O, R, 1…)``); returns its relative error against ``delta``
+    after the cast to ``stored``: what a consumer builds from the file."""
+    kernel_ones = (1,) * (len(shape) - 2)
+    up = conversion.factors.up
+    up = (up * (conversion.rank / alpha) if conversion.rank != alpha else up).to(stored)
+    down = conversion.factors.down.to(stored)
+    delta = delta.reshape(shape[0], -1)
+    written = up.float() @ down.float() * (alpha / conversion.rank)
+    achieved = (written - delta).norm() / delta.norm().clamp_min(1e-30)
+    tensors[f"{name}.lora_up.weight"] = up.reshape(shape[0], conversion.rank, *kernel_ones).contiguous()
+    tensors[f"{name}.lora_down.weight"] = down.reshape(conversion.rank, *shape[1:]).contiguous()
+    tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    if bias is not None:
+        tensors[f"{name}.diff_b"] = bias.to(stored)
+    return float(achieved)
 
 
 def _dominant_dtype(adapter) -> torch.dtype:
@@ -332,19 +356,14 @@ KEPT_METADATA = ("ss_base_model_version", "ss_v2", "ss_output_name", "ss_tag_fre
 
 def _conversion_metadata(adapter, lines: list[ModuleConversion], rank, max_error,
                          dtype: torch.dtype) -> dict[str, str]:
-    import hashlib
     import json
 
-    digest = hashlib.sha256()
-    with open(adapter.source, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     kept = {k: v for k, v in adapter.metadata.raw.items() if k.startswith("modelspec.") or k in KEPT_METADATA}
     return {
         **kept,
         "ss_network_module": "networks.lora",
         "lohakr_conversion": json.dumps({
-            "source": adapter.name, "source_sha256": digest.hexdigest(), "rank": rank, "max_error": max_error,
+            "source": adapter.name, "source_sha256": _sha256(adapter.source), "rank": rank, "max_error": max_error,
             "dtype": str(dtype).removeprefix("torch."),
             "modules": {line.name: {"method": line.method, "rank": line.rank, "error": line.error} for line in lines},
         }),
@@ -371,3 +390,83 @@ def format_conversion(conversion: FileConversion, names: int = 10) -> str:
     lines += [f"  {line.name}: {line.method}, rank {line.rank}, error {line.error:.3g}"
               for line in worst if line.error]
     return "\n".join(lines)
+
+
+# -- several files into one ----------------------------------------------------------------------------
+@torch.no_grad()
+def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str = "exact",
+                   max_error: float | None = None, dtype: str | None = None) -> FileConversion:
+    """Several adapters at their strengths as one kohya LoRA whose ΔW per layer is their sum
+    (docs/format.md#merging-adapters). Per layer the sum is exact as a LoRA of the summed ranks:
+    each adapter's exact factors, ``up`` times its strength, side by side. Where ``rank`` or
+    ``max_error`` asks for less, a truncated SVD of that sum (from the factors: QR and an R×R SVD),
+    the error reported. Every adapter goes through ``plan_load`` first (a file for another base
+    model is refused, as in a load); DoRA modules are refused (their update depends on the base)."""
+    from .plan import plan_load
+
+    if dtype is not None and dtype not in DTYPES:
+        raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
+    per_layer: dict[str, list] = {}
+    targets, names, skipped = {}, {}, []
+    for adapter, strength in adapters:
+        plan = plan_load(adapter, layout)
+        dora = [m.module.name for m in plan.matches if m.module.dora]
+        if dora:
+            raise LohakrError(f"{adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update "
+                              "depends on the base model's weights, so it cannot be merged into a LoRA; bake it "
+                              "into the checkpoint instead")
+        for match in plan.matches:
+            per_layer.setdefault(match.target.key, []).append((match.module, float(strength)))
+            targets[match.target.key] = match.target
+            names.setdefault(match.target.key, kohya_name(match.module.name, match.target, layout.family))
+        skipped += [f"{adapter.name}: {o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
+    stored = DTYPES[dtype] if dtype else _dominant_dtype(adapters[0][0])
+    conversions = {}
+    for key, contributions in per_layer.items():
+        shape = tuple(targets[key].weight_shape)
+        parts = [exact_lora(module) for module, _ in contributions]
+        summed = LoraFactors(torch.cat([p.up * s for p, (_, s) in zip(parts, contributions, strict=True)], 1),
+                             torch.cat([p.down for p in parts], 0))
+        if rank == "exact" or (max_error is None and rank >= summed.rank):
+            conversions[key] = Conversion(summed, "exact", 0.0)
+        else:
+            conversions[key] = _truncated(*_svd_of_factors(summed, shape), rank, max_error)
+    ranks = [c.rank for c in conversions.values()]
+    alpha = max(set(ranks), key=ranks.count) if ranks else 1
+    tensors: dict[str, Tensor] = {}
+    lines: list[ModuleConversion] = []
+    for key, conversion in conversions.items():
+        shape = tuple(targets[key].weight_shape)
+        delta = sum(module.delta(shape) * s for module, s in per_layer[key])
+        biases = [module.bias_delta() * s for module, s in per_layer[key] if module.has_bias_delta]
+        achieved = _write_module(tensors, names[key], conversion, shape, alpha, stored, delta,
+                                 sum(biases) if biases else None)
+        lines.append(ModuleConversion(key, names[key], conversion.method, conversion.rank, achieved))
+    metadata = _merge_metadata(adapters, lines, rank, max_error, stored)
+    return FileConversion(tensors, metadata, lines, skipped)
+
+
+def _merge_metadata(adapters, lines: list[ModuleConversion], rank, max_error, dtype: torch.dtype) -> dict[str, str]:
+    import json
+
+    first = adapters[0][0]
+    kept = {k: v for k, v in first.metadata.raw.items() if k.startswith("modelspec.") or k in KEPT_METADATA[:2]}
+    return {
+        **kept,
+        "ss_network_module": "networks.lora",
+        "lohakr_merge": json.dumps({
+            "sources": [{"name": a.name, "sha256": _sha256(a.source), "strength": s} for a, s in adapters],
+            "rank": rank, "max_error": max_error, "dtype": str(dtype).removeprefix("torch."),
+            "modules": {line.name: {"method": line.method, "rank": line.rank, "error": line.error} for line in lines},
+        }),
+    }
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

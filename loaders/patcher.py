@@ -258,22 +258,29 @@ class WeightPatcher:
             apply.write_bias(layer, kept.bias, contributions, in_place=False)
 
     def _index(self, adapters: Iterable[PatchedAdapter] | None = None) -> dict[str, list[Contribution]]:
-        """Per layer key, the (update, strength) pairs to apply: plain ones by adapter name, then DoRA
-        ones in load order. Fused adapters are part of the weights already and are left out."""
-        plain: dict[str, list[tuple[PatchedAdapter, Match]]] = {}
-        dora: dict[str, list[tuple[PatchedAdapter, Match]]] = {}
-        for adapter in self.adapters.values() if adapters is None else adapters:
-            if adapter.fused:
-                continue
-            for match in adapter.matches:
-                bucket = dora if match.module.dora else plain
-                bucket.setdefault(match.target.key, []).append((adapter, match))
-        index: dict[str, list[Contribution]] = {}
-        for key in set(plain) | set(dora):
-            ordered = sorted(plain.get(key, []), key=lambda item: item[0].name) + sorted(
-                dora.get(key, []), key=lambda item: item[0].order)
-            index[key] = [(match.module, adapter.strength_of(match)) for adapter, match in ordered]
-        return index
+        """``contributions_by_layer`` of the loaded adapters (or of ``adapters``)."""
+        return contributions_by_layer(self.adapters.values() if adapters is None else adapters)
 
     def __iter__(self) -> Iterator[PatchedAdapter]:
         return iter(self.adapters.values())
+
+
+def contributions_by_layer(adapters: Iterable[PatchedAdapter]) -> dict[str, list[Contribution]]:
+    """Per layer key, the (update, strength) pairs to apply, in the order that makes the result
+    independent of load order: plain ones by adapter name, then DoRA ones in load order. Fused
+    adapters are part of the weights already and are left out. ``bake`` uses the same order, so a
+    baked checkpoint holds the bits a live load gives."""
+    plain: dict[str, list[tuple[PatchedAdapter, Match]]] = {}
+    dora: dict[str, list[tuple[PatchedAdapter, Match]]] = {}
+    for adapter in adapters:
+        if adapter.fused:
+            continue
+        for match in adapter.matches:
+            bucket = dora if match.module.dora else plain
+            bucket.setdefault(match.target.key, []).append((adapter, match))
+    index: dict[str, list[Contribution]] = {}
+    for key in set(plain) | set(dora):
+        ordered = sorted(plain.get(key, []), key=lambda item: item[0].name) + sorted(
+            dora.get(key, []), key=lambda item: item[0].order)
+        index[key] = [(match.module, adapter.strength_of(match)) for adapter, match in ordered]
+    return index

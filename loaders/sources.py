@@ -185,20 +185,28 @@ class SourceIndex:
         """The file tensor holding ``target``'s weight as loaded, when one has its dtype and size
         (shapes may differ, as a 1×1 conv stored as a linear weight): a candidate only; the patcher
         compares bytes before it relies on it."""
+        found = self.locate(target, "weight")
+        if found is None:
+            return None
+        file, key = found
+        stored = file.tensors[key]
+        if TORCH_DTYPES.get(stored.dtype) == weight.dtype and stored.numel() == weight.numel():
+            return FileTensor(file, key, tuple(weight.shape))
+        return None
+
+    def locate(self, target: LayerTarget, parameter: str = "weight") -> tuple[SafetensorsFile, str] | None:
+        """Which file and key hold ``target``'s ``weight`` (or ``bias``), by name alone."""
         source = self.sources.get(target.component)
         if source is None:
             return None
-        for key in self._candidate_keys(target, source):
+        for key in self._candidate_keys(target, source, parameter):
             file = source.keys.get(key)
-            if file is None:
-                continue
-            stored = file.tensors[key]
-            if TORCH_DTYPES.get(stored.dtype) == weight.dtype and stored.numel() == weight.numel():
-                return FileTensor(file, key, tuple(weight.shape))
+            if file is not None:
+                return file, key
         return None
 
-    def _candidate_keys(self, target: LayerTarget, source: ComponentSource) -> list[str]:
-        name = self._parameter_name(target)
+    def _candidate_keys(self, target: LayerTarget, source: ComponentSource, parameter: str) -> list[str]:
+        name = self._parameter_name(target, parameter)
         if name is None:
             return []
         bare = name.removeprefix("text_model.")
@@ -206,18 +214,19 @@ class SourceIndex:
         if not source.single_file:
             return variants
         if target.component == "unet":
-            return [f"{UNET_SINGLE_FILE_PREFIX}{target.sgm_path}.weight"] if target.sgm_path else []
+            return [f"{UNET_SINGLE_FILE_PREFIX}{target.sgm_path}.{parameter}"] if target.sgm_path else []
         return [prefix + v for prefix in SINGLE_FILE_PREFIXES.get(target.component, ()) for v in variants[1:]]
 
-    def _parameter_name(self, target: LayerTarget) -> str | None:
-        """The weight's name in its component's state dict (``encoder.layers.0.mlp.fc1.weight``)."""
+    def _parameter_name(self, target: LayerTarget, parameter: str = "weight") -> str | None:
+        """The parameter's name in its component's state dict (``encoder.layers.0.mlp.fc1.weight``)."""
         module = self.components.get(target.component)
-        if module is None or target.layer is None:
+        tensor = getattr(target.layer, parameter, None) if target.layer is not None else None
+        if module is None or tensor is None:
             return None
         names = self._names.get(target.component)
         if names is None:
             names = self._names[target.component] = {id(p): n for n, p in module.named_parameters()}
-        return names.get(id(target.layer.weight))
+        return names.get(id(tensor))
 
     @property
     def files(self) -> list[SafetensorsFile]:

@@ -148,3 +148,88 @@ def test_the_command_line_writes_a_report_and_never_overwrites_its_input(tmp_pat
 def test_dora_files_are_refused_with_the_reason(lycoris_file, tmp_path):
     with pytest.raises(LohakrError, match="DoRA update depends on the base model's weights"):
         converted_file(lycoris_file("sdxl", "loha_dora_out").path, tmp_path, "sdxl")
+
+
+# -- merge (docs/format.md#merging-adapters) ---------------------------------------------------------
+def merged_stack(lycoris_file, tmp_path, **options):
+    from safetensors.torch import save_file
+    from test_diffusers import make_pipe
+
+    from lohakr.loaders.convert import merge_adapters
+    from lohakr.loaders.diffusers_pipeline import pipeline_layout
+
+    files = [(lycoris_file("sdxl", "loha_tucker").path, 0.7), (lycoris_file("sdxl", "lokr_f4").path, -0.5),
+             (lycoris_file("sdxl", "lokr_full").path, 1.2)]
+    stack = make_pipe("sdxl", tmp_path)
+    with stack.lycoris_batch():
+        for path, strength in files:
+            stack.load_lycoris(path, strength=strength)
+    merged = merge_adapters([(load_adapter(p), s) for p, s in files], pipeline_layout(stack), dtype="fp32",
+                            **options)
+    out = tmp_path / "merged.safetensors"
+    save_file(merged.tensors, str(out), merged.metadata)
+    single = make_pipe("sdxl", tmp_path)
+    single.load_lycoris(out)
+    return stack, single, merged
+
+
+def test_a_merge_of_three_adapters_loads_to_the_stack(lycoris_file, tmp_path):
+    from test_diffusers import snapshot
+
+    from lohakr.loaders.diffusers_pipeline import pipeline_layout
+
+    stack, single, merged = merged_stack(lycoris_file, tmp_path)
+    assert {m.method for m in merged.modules} == {"exact"} and merged.max_error <= 1e-5
+    layout = pipeline_layout(stack)
+    merged_layers = {line.module for line in merged.modules}
+    assert len(merged_layers) == len(merged.modules)  # one module per layer, whatever touched it
+    base = make_base_weights(tmp_path)
+    a, b = snapshot(stack), snapshot(single)
+    for key in layout.targets:
+        weight = f"{key}.weight"
+        delta = a[weight] - base[weight]
+        err = float((b[weight] - a[weight]).abs().max())
+        assert err <= 1e-5 * float(delta.abs().max()) + 1e-6, key
+
+
+def make_base_weights(tmp_path):
+    from test_diffusers import make_pipe, snapshot
+
+    return snapshot(make_pipe("sdxl", tmp_path))
+
+
+@pytest.mark.parametrize("max_error", [1e-1, 1e-2])
+def test_a_merge_at_an_error_stays_within_it(lycoris_file, tmp_path, max_error):
+    from test_diffusers import snapshot
+
+    stack, single, merged = merged_stack(lycoris_file, tmp_path, rank=1000, max_error=max_error)
+    assert "svd" in {m.method for m in merged.modules} and merged.max_error <= max_error
+    base, a, b = make_base_weights(tmp_path), snapshot(stack), snapshot(single)
+    for line in merged.modules:
+        weight = f"{line.module}.weight"
+        delta = a[weight] - base[weight]
+        got = float((b[weight] - base[weight] - delta).norm() / delta.norm())
+        assert got <= line.error * 1.01 + 1e-5, (line.module, got, line.error)
+
+
+def test_merge_command_line_and_dora_refusal(lycoris_file, tmp_path, capsys):
+    from test_cli import make_file  # LoHa and LoKr modules on full-size SDXL layers
+    from test_diffusers import make_pipe
+
+    from lohakr.loaders.cli import main as cli
+    from lohakr.loaders.convert import merge_adapters
+    from lohakr.loaders.diffusers_pipeline import pipeline_layout
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = make_file(tmp_path / "a"), make_file(tmp_path / "b")
+    out = tmp_path / "m.safetensors"
+    assert cli(["merge", f"{a}:0.5", f"{b}:-1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "load it at strength 1" in printed and "exact" in printed and out.exists()
+    assert cli(["merge", f"{a}:0.5", str(b), "-o", str(b)]) == 2
+    assert "would overwrite one of the inputs" in capsys.readouterr().err
+    layout = pipeline_layout(make_pipe("sdxl", tmp_path))
+    dora = load_adapter(lycoris_file("sdxl", "lokr_dora_out").path)
+    with pytest.raises(LohakrError, match="DoRA module"):
+        merge_adapters([(load_adapter(lycoris_file("sdxl", "loha").path), 1.0), (dora, 0.5)], layout)

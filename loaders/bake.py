@@ -1,0 +1,300 @@
+"""``lohakr bake``: adapters merged into a copy of a diffusers model folder, tensor by tensor
+(docs/architecture.md#baking).
+
+The base is never loaded as a model: its components are built on the meta device from their
+configs (for the layout: names, shapes, blocks), every adapter is planned against that layout as a
+live load would be (the same refusals, before anything is written), and each weight file is then
+streamed: a tensor no adapter touches is copied byte for byte, a touched one is read from the
+memory-mapped base, patched by ``apply.patch`` with the contributions in ``contributions_by_layer``
+order, and written. The values are therefore the bits ``pipe.load_lycoris`` + ``save_pretrained``
+give. Memory: about one layer and its float32 working rows, plus the page cache. The output is
+written into a temporary folder beside it and renamed into place when complete: a killed bake
+leaves no partial output, and the base is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import apply
+from .adapter import load_adapter
+from .apply import Contribution, Workspace
+from .errors import LohakrError
+from .guard import check_layer, check_strength
+from .names import LayerTarget, ModelLayout
+from .patcher import PatchedAdapter, contributions_by_layer
+from .plan import plan_load
+from .report import LoadReport
+from .sources import TORCH_DTYPES, SafetensorsFile, SourceIndex
+from .stored import StoredTensor
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class BakeAdapter:
+    """One adapter to bake: its file, its strength (all components, or per component) and block weights."""
+
+    path: str
+    strength: float | Mapping[str, float] = 1.0
+    block_weights: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> BakeAdapter:
+        """``FILE[:STRENGTH[:BLOCKWEIGHTS]]``; a path may itself hold ``:`` (the strength is the last
+        part that reads as a number)."""
+        parts = spec.split(":")
+        for index in range(len(parts) - 1, 0, -1):
+            try:
+                strength = float(parts[index])
+            except ValueError:
+                continue
+            return cls(":".join(parts[:index]), strength, ":".join(parts[index + 1:]) or None)
+        return cls(spec)
+
+
+@dataclass
+class BakeResult:
+    """What a bake did: the reports of the adapters, and the tensors written."""
+
+    output: str
+    reports: list[LoadReport]
+    patched: int = 0
+    copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [report.summary() for report in self.reports]
+        lines.append(f"{self.patched} tensors patched, {self.copied} copied, {self.bytes_written / 2**30:.2f} GiB "
+                     f"in {len(self.files)} weight files, {self.seconds:.1f} s -> {self.output}")
+        for report in self.reports:
+            lines += [f"  warning: {w}" for w in report.warnings]
+        return "\n".join(lines)
+
+
+def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output: str | os.PathLike, *,
+         strict: bool = False, allow_base_mismatch: bool = False,
+         progress: Callable[[Iterable, int], Iterable] | None = None) -> BakeResult:
+    """Bake ``adapters`` into a copy of the diffusers model folder ``base``, written to ``output``
+    (a folder that must not exist yet). Raises before writing anything if an adapter does not fit
+    (the same refusals as ``pipe.load_lycoris``) or would write NaN/inf."""
+    started = time.perf_counter()
+    base_path, out_path = Path(base).resolve(), Path(output).resolve()
+    if not base_path.is_dir():
+        raise LohakrError(f"{base_path}: bake reads a diffusers model folder (unet/, text_encoder/…); "
+                          "single-file checkpoints are not supported yet")
+    if out_path == base_path or base_path in out_path.parents:
+        raise LohakrError(f"{out_path}: the output would be written into the base model {base_path}; "
+                          "choose another path")
+    if out_path.exists():
+        raise LohakrError(f"{out_path}: already exists; bake writes a new folder (remove it or choose another path)")
+    components = meta_components(base_path)
+    layout = ModelLayout.from_diffusers(**components)
+    sources = SourceIndex(components, {name: base_path / name for name in components})
+    entries, reports = [], []
+    for order, spec in enumerate(adapters, 1):
+        spec = BakeAdapter.parse(spec) if isinstance(spec, str) else spec
+        adapter = load_adapter(spec.path)
+        strengths = _strengths(spec.strength)
+        name = adapter.name if adapter.name not in {e.name for e in entries} else f"{adapter.name}_{order}"
+        plan = plan_load(adapter, layout, name=name, block_weights=spec.block_weights, strengths=strengths,
+                         strict=strict, allow_base_mismatch=allow_base_mismatch)
+        entries.append(PatchedAdapter(name, plan.matches, plan.report, strengths, plan.block_weights, order))
+        reports.append(plan.report)
+    index = contributions_by_layer(entries)
+    writes = _planned_writes(layout, sources, index)
+    _check_all(writes, index)  # every layer checked by the write guard before the first byte is written
+    result = BakeResult(str(out_path), reports)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
+    try:
+        _copy_tree(base_path, staging, skip={Path(f.path) for f in sources.files})
+        workspace = Workspace()
+        # One output buffer for every patched tensor, the largest's size: a new tensor per layer would
+        # be fresh memory each time (mapped and faulted in anew: several times slower than the writes).
+        largest = max((w.stored.stop - w.stored.start for keys in writes.values() for w in keys.values()), default=0)
+        scratch = torch.empty(largest, dtype=torch.uint8)
+        for file in sources.files:
+            relative = Path(file.path).relative_to(base_path)
+            _write_file(file, staging / relative, writes.get(file.path, {}), index, workspace, scratch, result,
+                        progress)
+            result.files.append(str(relative))
+        os.replace(staging, out_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def meta_components(folder: Path) -> dict[str, nn.Module]:
+    """The folder's UNet and CLIP text encoders, built on the meta device from their configs."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    built = {}
+    with torch.device("meta"):
+        if (folder / "unet" / "config.json").is_file():
+            built["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        for name, model_class in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (folder / name / "config.json").is_file():
+                built[name] = model_class(AutoConfig.from_pretrained(folder / name))
+    if "unet" not in built and "text_encoder" not in built:
+        raise LohakrError(f"{folder}: no unet/ or text_encoder/ with a config.json; bake needs a diffusers "
+                          "model folder")
+    return built
+
+
+@dataclass
+class _Write:
+    """One tensor of a base file to patch: a layer's weight, or its bias (diff_b)."""
+
+    target: LayerTarget
+    parameter: str
+    stored: StoredTensor
+
+
+def _planned_writes(layout: ModelLayout, sources: SourceIndex, index: Mapping[str, list[Contribution]]
+                    ) -> dict[str, dict[str, _Write]]:
+    """Per base file, per key, the tensors to patch; a touched layer whose weight no file holds
+    is an error (nothing is written)."""
+    writes: dict[str, dict[str, _Write]] = {}
+    for key, contributions in index.items():
+        target = layout.targets[key]
+        parameters = ["weight"] + (["bias"] if any(u.has_bias_delta for u, _ in contributions) else [])
+        for parameter in parameters:
+            found = sources.locate(target, parameter)
+            if found is None:
+                if parameter == "bias":
+                    continue  # no bias in the model: reported at plan time, as in a live load
+                raise LohakrError(f"{key}: no tensor for this layer's {parameter} in the base model's files")
+            file, tensor_key = found
+            writes.setdefault(file.path, {})[tensor_key] = _Write(target, parameter, file.tensors[tensor_key])
+    return writes
+
+
+def _check_all(writes: Mapping[str, Mapping[str, _Write]], index: Mapping[str, list[Contribution]]) -> None:
+    workspace = Workspace()
+    for path, keys in writes.items():
+        file = SafetensorsFile(path)
+        for key, write in keys.items():
+            if write.parameter == "weight":
+                original = file.view(key).view(write.target.weight_shape)
+                check_layer(write.target.key, original, original, index[write.target.key], workspace)
+
+
+def _write_file(source: SafetensorsFile, destination: Path, writes: Mapping[str, _Write],
+                index: Mapping[str, list[Contribution]], workspace: Workspace, scratch: torch.Tensor,
+                result: BakeResult, progress) -> None:
+    """``source`` rewritten to ``destination`` in the same key order, dtypes, shapes and metadata,
+    the tensors of ``writes`` patched, every other one copied byte for byte."""
+    ordered = sorted(source.tensors.items(), key=lambda item: item[1].start)
+    header: dict = {}
+    metadata = _metadata(source.path)
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for key, stored in ordered:
+        size = stored.stop - stored.start
+        header[key] = {"dtype": stored.dtype, "shape": list(stored.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    items = progress(ordered, len(ordered)) if progress else ordered
+    with open(source.path, "rb") as reader, open(destination, "wb") as writer:
+        writer.write(len(text).to_bytes(8, "little"))
+        writer.write(text)
+        for key, stored in items:
+            write = writes.get(key)
+            if write is None:
+                _copy_range(reader, writer, stored.start, stored.stop - stored.start)
+                result.copied += 1
+            else:
+                writer.write(_patched_bytes(source, key, write, index[write.target.key], workspace, scratch))
+                result.patched += 1
+        result.bytes_written += writer.tell()
+
+
+def _patched_bytes(source: SafetensorsFile, key: str, write: _Write, contributions: list[Contribution],
+                   workspace: Workspace, scratch: torch.Tensor) -> memoryview:
+    """The patched tensor's bytes, built in ``scratch`` (valid until the next call)."""
+    original = source.view(key, populate=True)
+    dtype = TORCH_DTYPES[write.stored.dtype]
+    if write.parameter == "weight":
+        original = original.view(write.target.weight_shape)
+        patched = scratch[:write.stored.stop - write.stored.start].view(dtype).view(original.shape)
+        apply.patch(patched, original, contributions, workspace)
+    else:  # the bias: original + Σ strength·diff_b in float32, cast once (apply.write_bias's math)
+        work = original.to(torch.float32, copy=True)
+        for update, strength in contributions:
+            if update.has_bias_delta and strength != 0:
+                work.add_(update.bias_delta(work.device), alpha=strength)
+        patched = work.to(dtype)
+    return memoryview(patched.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _copy_range(reader, writer, start: int, length: int) -> None:
+    """Bytes ``start:start+length`` of ``reader`` appended to ``writer``: in the kernel where it can
+    (``os.copy_file_range``), else through a buffer."""
+    writer.flush()
+    copy = getattr(os, "copy_file_range", None)
+    while length > 0 and copy is not None:
+        try:
+            done = copy(reader.fileno(), writer.fileno(), min(length, 1 << 30), start)
+        except OSError:
+            break
+        if done <= 0:
+            break
+        start, length = start + done, length - done
+    if length > 0:
+        reader.seek(start)
+        while length > 0:
+            block = reader.read(min(length, COPY_CHUNK))
+            if not block:
+                raise LohakrError(f"{reader.name}: ended early while being copied; the file may be truncated")
+            writer.write(block)
+            length -= len(block)
+    writer.seek(0, os.SEEK_END)
+
+
+def _metadata(path: str) -> dict[str, str]:
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return header.get("__metadata__") or {}
+
+
+def _copy_tree(base: Path, destination: Path, skip: set[Path]) -> None:
+    """Every file of ``base`` but those in ``skip`` (the weight files, rewritten) copied over."""
+    for root, _, files in os.walk(base):
+        for name in files:
+            path = Path(root) / name
+            if path.resolve() in skip:
+                continue
+            target = destination / path.relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def _strengths(strength: float | Mapping[str, float]) -> dict[str, float]:
+    if isinstance(strength, Mapping):
+        unknown = set(strength) - set(COMPONENTS)
+        if unknown:
+            raise LohakrError(f"unknown component(s) {', '.join(sorted(unknown))} in strength; "
+                              f"use {', '.join(COMPONENTS)}")
+        return {c: check_strength(strength.get(c, 1.0), f"strength[{c!r}]") for c in COMPONENTS}
+    return {c: check_strength(strength) for c in COMPONENTS}

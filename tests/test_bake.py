@@ -1,0 +1,123 @@
+"""``lohakr bake`` on a tiny SDXL diffusers folder (docs/architecture.md#baking): the baked weights
+are the bits of ``pipe.load_lycoris`` + ``save_pretrained``; refusals come before anything is
+written; a failed bake leaves no output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lohakr
+from lohakr import BaseModelMismatchError, LohakrError
+from lohakr.loaders import tiny_models
+from lohakr.loaders.bake import BakeAdapter, bake
+from lohakr.loaders.cli import main as cli
+
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bake") / "sdxl"
+    pipe = tiny_models.make_sdxl_pipeline(folder.parent / "tok")
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def live_bake(base: Path, out: Path, loads) -> None:
+    """The same stack loaded live and saved: what the bake must equal, bit for bit."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = lohakr.enable(StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float16))
+    pipe.set_progress_bar_config(disable=True)
+    with pipe.lycoris_batch():
+        for path, kwargs in loads:
+            pipe.load_lycoris(path, **kwargs)
+    pipe.save_pretrained(out)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    for name in WEIGHT_FILES:
+        ours, theirs = load_file(a / name), load_file(b / name)
+        assert ours.keys() == theirs.keys(), name
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
+            assert torch.equal(ours[key].view(torch.uint8), theirs[key].view(torch.uint8)), (name, key)
+
+
+def test_bake_equals_a_live_load_saved(lycoris_file, base, tmp_path):
+    loha = lycoris_file("sdxl", "loha_tucker", dtype="fp16")
+    dora = lycoris_file("sdxl", "lokr_dora_out")
+    full = lycoris_file("sdxl", "lokr_full")
+    specs = [BakeAdapter(str(loha.path), 0.8), BakeAdapter(str(dora.path), 0.5, "OUT=0.5, IN04=0"),
+             BakeAdapter(str(full.path), {"unet": -0.7, "text_encoder": 1.0, "text_encoder_2": 0.0})]
+    result = bake(base, specs, tmp_path / "baked")
+    assert result.patched > 0 and len(result.reports) == 3 and result.files
+    live_bake(base, tmp_path / "live", [
+        (loha.path, dict(strength=0.8)),
+        (dora.path, dict(strength=0.5, block_weights="OUT=0.5, IN04=0")),
+        (full.path, dict(strength={"unet": -0.7, "text_encoder": 1.0, "text_encoder_2": 0.0})),
+    ])
+    assert_same_tensors(tmp_path / "baked", tmp_path / "live")
+    base_unet = load_file(base / WEIGHT_FILES[0])
+    baked_unet = load_file(tmp_path / "baked" / WEIGHT_FILES[0])
+    assert sum(not torch.equal(base_unet[k], baked_unet[k]) for k in base_unet) >= result.patched // 3
+    # the rest of the folder comes along, and diffusers loads the result
+    for name in ("model_index.json", "vae/config.json", "tokenizer/tokenizer_config.json"):
+        assert (tmp_path / "baked" / name).read_bytes() == (base / name).read_bytes()
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline.from_pretrained(tmp_path / "baked")
+
+
+def test_the_command_line(lycoris_file, base, tmp_path, capsys):
+    path = lycoris_file("sdxl", "lokr_f4").path
+    assert cli(["bake", str(base), "--adapter", f"{path}:0.6", "-o", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "tensors patched" in printed and "modules applied" in printed
+    live_bake(base, tmp_path / "live", [(path, dict(strength=0.6))])
+    assert_same_tensors(tmp_path / "out", tmp_path / "live")
+
+
+def test_adapter_specs():
+    assert BakeAdapter.parse("a.safetensors") == BakeAdapter("a.safetensors")
+    assert BakeAdapter.parse("a.safetensors:0.5") == BakeAdapter("a.safetensors", 0.5)
+    assert BakeAdapter.parse("C:/x/a.safetensors:-1:OUT=0.5, IN04=0") == BakeAdapter(
+        "C:/x/a.safetensors", -1.0, "OUT=0.5, IN04=0")
+
+
+def test_refusals_write_nothing(lycoris_file, base, tmp_path):
+    sd1_file = lycoris_file("sd1", "loha", metadata={"ss_base_model_version": "sd_v1"}).path
+    with pytest.raises(BaseModelMismatchError, match="SD1.5 adapter"):
+        bake(base, [str(sd1_file)], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    good = str(lycoris_file("sdxl", "lokr_f4").path)
+    with pytest.raises(LohakrError, match="into the base model"):
+        bake(base, [good], base / "inside")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(LohakrError, match="already exists"):
+        bake(base, [good], tmp_path / "exists")
+    with pytest.raises(LohakrError, match="a strength is a finite number"):
+        bake(base, [BakeAdapter(good, float("nan"))], tmp_path / "out")
+    assert cli(["bake", str(base), "--adapter", str(sd1_file), "-o", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bake_stopped_midway_leaves_no_output(lycoris_file, base, tmp_path):
+    seen = []
+
+    def progress(items, total):
+        for number, item in enumerate(items):
+            if number == total // 2:
+                raise KeyboardInterrupt  # as a user's Ctrl-C in the middle of a file
+            seen.append(item)
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        bake(base, [str(lycoris_file("sdxl", "lokr_f4").path)], tmp_path / "out", progress=progress)
+    assert seen and not list(tmp_path.iterdir())  # no output, no staging folder left
