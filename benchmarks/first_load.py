@@ -224,6 +224,14 @@ def run_child(contender: str, memory: str, adapter: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def by_contender(entry: dict) -> dict[tuple, list]:
+    """An adapter's runs per (contender, memory), in run order."""
+    groups: dict[tuple, list] = {}
+    for run in entry["runs"]:
+        groups.setdefault((run["contender"], run["memory"]), []).append(run)
+    return groups
+
+
 def median_of(runs: list[dict], step: str, field: str) -> float | None:
     values = [r[step][field] for r in runs if step in r]
     return statistics.median(values) if values else None
@@ -295,10 +303,7 @@ def summarize(report: dict) -> None:
               f"written to fresh memory ({fresh_rate / 1e9:.1f} GB/s here), as a mapped model needs: "
               f"{entry['bound_with_fresh_pages_s']:.2f} s (largest layer's float32 ΔW "
               f"{entry['largest_delta_bytes'] / 2**20:.0f} MiB)")
-        groups: dict[tuple, list] = {}
-        for run in entry["runs"]:
-            groups.setdefault((run["contender"], run["memory"]), []).append(run)
-        for (contender, memory), runs in groups.items():
+        for (contender, memory), runs in by_contender(entry).items():
             ok = [r for r in runs if "load" in r]
             if not ok:
                 print(f"  {contender:8} {memory:7} failed: {runs[0].get('error', '')[-200:]}")
@@ -333,10 +338,7 @@ def markdown(report: dict) -> str:
         if "bound_with_fresh_pages_s" not in entry:
             fresh = statistics.median(r["first_touch_bandwidth"] for r in entry["roofline"])
             entry["bound_with_fresh_pages_s"] = entry["bound_s"] + entry["bytes_min"] / 2 / fresh
-        groups: dict[tuple, list] = {}
-        for run in entry["runs"]:
-            groups.setdefault((run["contender"], run["memory"]), []).append(run)
-        for (contender, memory), runs in groups.items():
+        for (contender, memory), runs in by_contender(entry).items():
             ok = [r for r in runs if "load" in r]
             if not ok:
                 continue

@@ -138,6 +138,20 @@ def _demo(options: list[str]) -> int:
     return run_demo(parser.parse_args(options))
 
 
+def _lora_output_options(parser: argparse.ArgumentParser, dtype_default: str, model_default: str) -> None:
+    """The options of commands that write a LoRA file (``convert``, ``merge``)."""
+    parser.add_argument("--rank", default="exact",
+                        help="'exact' (default: every module exactly) or the largest rank to store; a module whose "
+                             "exact rank is larger gets a truncated SVD")
+    parser.add_argument("--max-error", type=float, default=None,
+                        help="with SVD, the smallest rank whose relative Frobenius error is at most this")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                        help=f"stored dtype (default: {dtype_default})")
+    parser.add_argument("--model", choices=["auto", "sdxl", "sd1"], default="auto",
+                        help=f"the base model whose layers the files target (default: {model_default})")
+    parser.add_argument("-o", "--output", required=True, help="the LoRA file to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lohakr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,28 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="a LoHa/LoKr file as a LoRA file: exact where the rank allows, else SVD")
     convert.add_argument("file", help="a .safetensors LoHa/LoKr/LyCORIS file")
     convert.add_argument("--to", choices=["lora"], default="lora", help="the output format (kohya LoRA)")
-    convert.add_argument("--rank", default="exact",
-                         help="'exact' (default: every module exactly) or the largest rank to store; a module whose "
-                              "exact rank is larger gets a truncated SVD")
-    convert.add_argument("--max-error", type=float, default=None,
-                         help="with SVD, the smallest rank whose relative Frobenius error is at most this")
-    convert.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
-                         help="stored dtype (default: the input's)")
-    convert.add_argument("--model", choices=["auto", "sdxl", "sd1"], default="auto",
-                         help="the base model whose layers the file targets (default: detected)")
-    convert.add_argument("-o", "--output", required=True, help="the LoRA file to write")
+    _lora_output_options(convert, "the input's", "detected")
     convert.set_defaults(run=_convert)
     merge = sub.add_parser("merge", help="several adapters as one LoRA file: exact where the summed ranks allow, "
                            "else SVD")
     merge.add_argument("files", nargs="+", metavar="FILE[:STRENGTH]", help="the adapters and their strengths")
-    merge.add_argument("--rank", default="exact", help="'exact' (default) or the largest rank to store per module")
-    merge.add_argument("--max-error", type=float, default=None,
-                       help="with SVD, the smallest rank whose relative Frobenius error is at most this")
-    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
-                       help="stored dtype (default: the first file's)")
-    merge.add_argument("--model", choices=["auto", "sdxl", "sd1"], default="auto",
-                       help="the base model (default: detected from the first file)")
-    merge.add_argument("-o", "--output", required=True, help="the LoRA file to write")
+    _lora_output_options(merge, "the first file's", "detected from the first file")
     merge.set_defaults(run=_merge)
     bake = sub.add_parser("bake", help="adapters merged into a copy of a diffusers model folder, streamed")
     bake.add_argument("base", help="a diffusers model folder (unet/, text_encoder/, text_encoder_2/)")

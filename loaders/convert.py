@@ -292,14 +292,7 @@ def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float
     ``(O, R, 1…)``), stored in ``dtype`` (default: the adapter's own), the error measured after that
     cast. Refuses DoRA modules (a DoRA update depends on the base weights) and modules that do not
     apply (``plan_load``'s refusals)."""
-    from .plan import plan_load
-
-    plan = plan_load(adapter, layout)
-    dora = [m.module.name for m in plan.matches if m.module.dora]
-    if dora:
-        raise LohakrError(f"{adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update depends "
-                          "on the base model's weights, so it has no LoRA form on its own. Bake it into the "
-                          "checkpoint instead")
+    plan = _plan_without_dora(adapter, layout, "has no LoRA form on its own")
     if dtype is not None and dtype not in DTYPES:
         raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
     stored = DTYPES[dtype] if dtype else _dominant_dtype(adapter)
@@ -321,6 +314,18 @@ def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float
     metadata = _conversion_metadata(adapter, lines, rank, max_error, stored)
     skipped = [f"{o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
     return FileConversion(tensors, metadata, lines, skipped)
+
+
+def _plan_without_dora(adapter, layout, why: str):
+    """``plan_load`` of ``adapter``, refusing DoRA modules: their update depends on the base weights."""
+    from .plan import plan_load
+
+    plan = plan_load(adapter, layout)
+    dora = [m.module.name for m in plan.matches if m.module.dora]
+    if dora:
+        raise LohakrError(f"{adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update depends "
+                          f"on the base model's weights, so it {why}. Bake it into the checkpoint instead")
+    return plan
 
 
 def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion, shape: tuple[int, ...],
@@ -402,19 +407,12 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
     ``max_error`` asks for less, a truncated SVD of that sum (from the factors: QR and an R×R SVD),
     the error reported. Every adapter goes through ``plan_load`` first (a file for another base
     model is refused, as in a load); DoRA modules are refused (their update depends on the base)."""
-    from .plan import plan_load
-
     if dtype is not None and dtype not in DTYPES:
         raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
     per_layer: dict[str, list] = {}
     targets, names, skipped = {}, {}, []
     for adapter, strength in adapters:
-        plan = plan_load(adapter, layout)
-        dora = [m.module.name for m in plan.matches if m.module.dora]
-        if dora:
-            raise LohakrError(f"{adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update "
-                              "depends on the base model's weights, so it cannot be merged into a LoRA; bake it "
-                              "into the checkpoint instead")
+        plan = _plan_without_dora(adapter, layout, "cannot be merged into a LoRA")
         for match in plan.matches:
             per_layer.setdefault(match.target.key, []).append((match.module, float(strength)))
             targets[match.target.key] = match.target
