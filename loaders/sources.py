@@ -15,6 +15,7 @@ SGM keys).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import mmap
@@ -341,18 +342,19 @@ def mapped_files() -> list[MappedFile]:
         except OSError:
             continue
         found.append(MappedFile(start, stop, path, identity))
-    return found
+    return sorted(found, key=lambda mapped: mapped.start)
 
 
 def mapping_of(tensor: Tensor, mappings: list[MappedFile]) -> MappedFile | None:
-    """The mapped file ``tensor``'s bytes lie in, if any (CPU tensors only)."""
+    """The mapped file ``tensor``'s bytes lie in, if any (CPU tensors only). ``mappings`` is in
+    address order, as ``/proc/self/maps`` lists them: a binary search."""
     if tensor.device.type != "cpu" or tensor.numel() == 0:
         return None
     start = tensor.data_ptr()
     stop = start + tensor.numel() * tensor.element_size()
-    for mapped in mappings:
-        if mapped.start <= start and stop <= mapped.stop:
-            return mapped
+    index = bisect.bisect_right(mappings, start, key=lambda mapped: mapped.start) - 1
+    if index >= 0 and mappings[index].start <= start and stop <= mappings[index].stop:
+        return mappings[index]
     return None
 
 
