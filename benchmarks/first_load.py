@@ -78,11 +78,9 @@ def load_model(memory: str) -> dict:
 
 # -- measuring inside a child ----------------------------------------------------------------------
 def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from patch_sdxl import _status_bytes  # imports torch: not at the top, so --report runs without it
+
+    return _status_bytes(field)
 
 
 class Step:

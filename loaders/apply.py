@@ -252,18 +252,29 @@ def write_bias(layer: nn.Module, original: Tensor, contributions: Sequence[Contr
     once), or the original itself when none does. New storage unless ``in_place`` or the live bias
     is already patched (no longer the original)."""
     bias = layer.bias
-    deltas = [(update, strength) for update, strength in contributions if update.has_bias_delta and strength != 0]
-    if not deltas:
+    work = patched_bias(original, contributions, bias.device)
+    if work is None:
         restore(bias, original)
         return
     with torch.no_grad():
-        work = original.to(device=bias.device, dtype=torch.float32, copy=True)
-        for update, strength in deltas:
-            work.add_(update.bias_delta(bias.device), alpha=strength)
         if not in_place and shares_memory(bias, original):
             bias.data = work.to(bias.dtype)
         else:
             bias.copy_(work)
+
+
+@torch.no_grad()
+def patched_bias(original: Tensor, contributions: Sequence[Contribution], device=None) -> Tensor | None:
+    """``original + Σ μ·s·diff_b`` in float32 on ``device`` (cast it once), or ``None`` when no
+    update carries a bias delta at a non-zero strength."""
+    deltas = [(update, strength) for update, strength in contributions if update.has_bias_delta and strength != 0]
+    if not deltas:
+        return None
+    device = original.device if device is None else device
+    work = original.to(device=device, dtype=torch.float32, copy=True)
+    for update, strength in deltas:
+        work.add_(update.bias_delta(device), alpha=strength)
+    return work
 
 
 def shares_memory(live: Tensor, original: Tensor) -> bool:

@@ -29,8 +29,9 @@ from torch import nn
 from . import apply
 from .adapter import load_adapter
 from .apply import Contribution, Workspace
+from .diffusers_pipeline import component_strengths
 from .errors import LohakrError
-from .guard import check_layer, check_strength
+from .guard import check_layer
 from .names import LayerTarget, ModelLayout
 from .patcher import PatchedAdapter, contributions_by_layer
 from .plan import plan_load
@@ -38,7 +39,6 @@ from .report import LoadReport
 from .sources import TORCH_DTYPES, SafetensorsFile, SourceIndex
 from .stored import StoredTensor
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 COPY_CHUNK = 64 << 20
 
 
@@ -108,7 +108,7 @@ def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output:
     for order, spec in enumerate(adapters, 1):
         spec = BakeAdapter.parse(spec) if isinstance(spec, str) else spec
         adapter = load_adapter(spec.path)
-        strengths = _strengths(spec.strength)
+        strengths = component_strengths(spec.strength, None)
         name = adapter.name if adapter.name not in {e.name for e in entries} else f"{adapter.name}_{order}"
         plan = plan_load(adapter, layout, name=name, block_weights=spec.block_weights, strengths=strengths,
                          strict=strict, allow_base_mismatch=allow_base_mismatch)
@@ -116,7 +116,7 @@ def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output:
         reports.append(plan.report)
     index = contributions_by_layer(entries)
     writes = _planned_writes(layout, sources, index)
-    _check_all(writes, index)  # every layer checked by the write guard before the first byte is written
+    _check_all(sources, writes, index)  # every layer checked by the write guard before the first byte is written
     result = BakeResult(str(out_path), reports)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
@@ -186,11 +186,11 @@ def _planned_writes(layout: ModelLayout, sources: SourceIndex, index: Mapping[st
     return writes
 
 
-def _check_all(writes: Mapping[str, Mapping[str, _Write]], index: Mapping[str, list[Contribution]]) -> None:
+def _check_all(sources: SourceIndex, writes: Mapping[str, Mapping[str, _Write]],
+               index: Mapping[str, list[Contribution]]) -> None:
     workspace = Workspace()
-    for path, keys in writes.items():
-        file = SafetensorsFile(path)
-        for key, write in keys.items():
+    for file in sources.files:
+        for key, write in writes.get(file.path, {}).items():
             if write.parameter == "weight":
                 original = file.view(key).view(write.target.weight_shape)
                 check_layer(write.target.key, original, original, index[write.target.key], workspace)
@@ -203,9 +203,8 @@ def _write_file(source: SafetensorsFile, destination: Path, writes: Mapping[str,
     the tensors of ``writes`` patched, every other one copied byte for byte."""
     ordered = sorted(source.tensors.items(), key=lambda item: item[1].start)
     header: dict = {}
-    metadata = _metadata(source.path)
-    if metadata:
-        header["__metadata__"] = metadata
+    if source.metadata:
+        header["__metadata__"] = source.metadata
     offset = 0
     for key, stored in ordered:
         size = stored.stop - stored.start
@@ -238,12 +237,9 @@ def _patched_bytes(source: SafetensorsFile, key: str, write: _Write, contributio
         original = original.view(write.target.weight_shape)
         patched = scratch[:write.stored.stop - write.stored.start].view(dtype).view(original.shape)
         apply.patch(patched, original, contributions, workspace)
-    else:  # the bias: original + Σ strength·diff_b in float32, cast once (apply.write_bias's math)
-        work = original.to(torch.float32, copy=True)
-        for update, strength in contributions:
-            if update.has_bias_delta and strength != 0:
-                work.add_(update.bias_delta(work.device), alpha=strength)
-        patched = work.to(dtype)
+    else:  # the bias, as a live load writes it
+        work = apply.patched_bias(original, contributions)
+        patched = original if work is None else work.to(dtype)
     return memoryview(patched.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
@@ -271,13 +267,6 @@ def _copy_range(reader, writer, start: int, length: int) -> None:
     writer.seek(0, os.SEEK_END)
 
 
-def _metadata(path: str) -> dict[str, str]:
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    return header.get("__metadata__") or {}
-
-
 def _copy_tree(base: Path, destination: Path, skip: set[Path]) -> None:
     """Every file of ``base`` but those in ``skip`` (the weight files, rewritten) copied over."""
     for root, _, files in os.walk(base):
@@ -290,11 +279,3 @@ def _copy_tree(base: Path, destination: Path, skip: set[Path]) -> None:
             shutil.copy2(path, target)
 
 
-def _strengths(strength: float | Mapping[str, float]) -> dict[str, float]:
-    if isinstance(strength, Mapping):
-        unknown = set(strength) - set(COMPONENTS)
-        if unknown:
-            raise LohakrError(f"unknown component(s) {', '.join(sorted(unknown))} in strength; "
-                              f"use {', '.join(COMPONENTS)}")
-        return {c: check_strength(strength.get(c, 1.0), f"strength[{c!r}]") for c in COMPONENTS}
-    return {c: check_strength(strength) for c in COMPONENTS}

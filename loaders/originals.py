@@ -81,8 +81,8 @@ class OriginalStore:
         new = [t for t in targets if t.key not in self._kept]
         refuse_meta(new)
         in_file, mapped = {}, {}
-        if self.policy == "auto":
-            mappings = mapped_files()
+        if self.policy == "auto" and new:
+            mappings = mapped_files() if any(layer_of(t).weight.device.type == "cpu" for t in new) else []
             for target in new:
                 weight = layer_of(target).weight
                 mapped_file = mapping_of(weight, mappings)

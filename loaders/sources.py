@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .errors import LohakrError, SourceFileChangedError
 from .names import LayerTarget
-from .stored import StoredTensor, read_header
+from .stored import read_header
 
 TORCH_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -75,7 +75,7 @@ class SafetensorsFile:
         self.identity = FileIdentity.of(self.path)
         with open(self.path, "rb") as handle:
             header_length = int.from_bytes(handle.read(8), "little")
-        self.tensors: dict[str, StoredTensor] = read_header(self.path, header_length, self.identity.size)[0]
+        self.tensors, self.metadata = read_header(self.path, header_length, self.identity.size)
         self._map: mmap.mmap | None = None
 
     def check_unchanged(self) -> None:
@@ -114,10 +114,6 @@ class SafetensorsFile:
         with warnings.catch_warnings():  # torch warns that the buffer is read-only: that is the point
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(self._map, dtype=dtype, count=count, offset=stored.start).view(stored.shape)
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map = None  # views keep the map alive until they are gone
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,7 +156,6 @@ class SourceIndex:
         ``opened``: files read before, by path, reused while unchanged on disk."""
         self.components = dict(components)
         self.sources: dict[str, ComponentSource] = {}
-        self.notes: list[str] = []  # why a component has no source file, for the report
         opened = {} if opened is None else opened
         for name, module in self.components.items():
             if given is not None:
@@ -172,14 +167,12 @@ class SourceIndex:
             else:
                 paths, single = _found_paths(module), False
             if not paths:
-                self.notes.append(f"{name}: no safetensors file it was loaded from is known")
-                continue
+                continue  # its originals stay in memory
             try:
                 self.sources[name] = ComponentSource([_open(p, opened) for p in paths], single)
-            except (OSError, LohakrError) as err:
+            except (OSError, LohakrError):
                 if given is not None:
-                    raise
-                self.notes.append(f"{name}: its weights file cannot be read ({err})")
+                    raise  # a found file that cannot be read: its originals stay in memory
         self._names: dict[str, dict[int, str]] = {}
 
     def find(self, target: LayerTarget, weight: Tensor) -> FileTensor | None:
@@ -296,15 +289,16 @@ def _paths_of(spec) -> list[str]:
     return paths
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class MappedFile:
     """A file mapped into this process (as diffusers and transformers map safetensors files: the
-    model's weights are copy-on-write views of it), by its address range."""
+    model's weights are copy-on-write views of it), by its address range. Its identity is read when
+    a weight is first found in it (``mapping_of``): not for every library the process maps."""
 
     start: int
     stop: int
     path: str
-    identity: FileIdentity
+    identity: FileIdentity | None = None
 
     def check_unchanged(self) -> None:
         """Raise ``SourceFileChangedError`` if the mapped file itself was modified since (the kernel then
@@ -337,11 +331,7 @@ def mapped_files() -> list[MappedFile]:
             continue
         path = parts[5].removesuffix(" (deleted)")
         start, stop = (int(x, 16) for x in parts[0].split("-"))
-        try:
-            identity = _mapped_identity(start, stop, path)
-        except OSError:
-            continue
-        found.append(MappedFile(start, stop, path, identity))
+        found.append(MappedFile(start, stop, path))
     return sorted(found, key=lambda mapped: mapped.start)
 
 
@@ -353,9 +343,15 @@ def mapping_of(tensor: Tensor, mappings: list[MappedFile]) -> MappedFile | None:
     start = tensor.data_ptr()
     stop = start + tensor.numel() * tensor.element_size()
     index = bisect.bisect_right(mappings, start, key=lambda mapped: mapped.start) - 1
-    if index >= 0 and mappings[index].start <= start and stop <= mappings[index].stop:
-        return mappings[index]
-    return None
+    if index < 0 or not (mappings[index].start <= start and stop <= mappings[index].stop):
+        return None
+    mapped = mappings[index]
+    if mapped.identity is None:
+        try:
+            mapped.identity = _mapped_identity(mapped.start, mapped.stop, mapped.path)
+        except OSError:  # not a file we can check later: treat the weight as ordinary memory
+            return None
+    return mapped
 
 
 def _mapped_identity(start: int, stop: int, path: str) -> FileIdentity:
