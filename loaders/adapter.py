@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 
 from . import peft_config
 from .errors import AdapterFormatError, AdapterShapeError, where
+from .families import FAMILIES
 from .lazy import lazy_module
 from .metadata import (
     BASE_MODEL_NAMES,
     AdapterMetadata,
     base_model_from_names,
     base_model_from_widths,
+    looks_like_a_transformer,
 )
 from .stored import StoredTensor, read_header
 from .updates import FLOAT32_MAX, UPDATE_CLASSES, LayerUpdate
@@ -495,7 +497,8 @@ def _check_alpha(module: LayerUpdate, context: str) -> None:
 def _detect_base_model(adapter: Adapter) -> tuple[str, str]:
     """Metadata first, then key prefixes; the cross-attention input width overrides both."""
     hint = adapter.metadata.base_model_hint() or base_model_from_names(adapter.modules)
-    widths = base_model_from_widths(_cross_attention_widths(adapter.modules.values()))
+    transformer = (hint is not None and hint[0] in FAMILIES) or looks_like_a_transformer(adapter.modules)
+    widths = None if transformer else base_model_from_widths(_cross_attention_widths(adapter.modules.values()))
     if widths and (hint is None or widths[0] != hint[0]):
         if hint is not None:
             adapter.warnings.append(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import native, rebuild
-from .updates import FactorCache, LayerUpdate, LohaUpdate, LokrUpdate, cached
+from .updates import FactorCache, LayerUpdate, LohaUpdate, LokrUpdate, PlacedUpdate, cached
 
 Contribution = tuple[LayerUpdate, float]  # an update and the strength it applies at
 
@@ -71,6 +71,9 @@ def patch(out: Tensor, source: Tensor, contributions: Sequence[Contribution],
         if not contributions:
             if out.data_ptr() != source.data_ptr():
                 out.copy_(source)
+            return
+        if any(isinstance(update, PlacedUpdate) for update, _ in contributions):
+            _placed_rows(out, source, contributions, workspace)
             return
         contiguous = out.is_contiguous() and source.is_contiguous()
         if contiguous and len(contributions) == 1 and one_pass(out, source, *contributions[0], workspace):
@@ -223,6 +226,37 @@ def _whole_layer(out: Tensor, source: Tensor, contributions: Sequence[Contributi
             work.copy_(merged)
         else:
             work.add_(merged.sub_(work), alpha=strength)
+    out.copy_(work)
+
+
+# -- updates of some rows of a layer -----------------------------------------------------------------
+def _placed_rows(out: Tensor, source: Tensor, contributions: Sequence[Contribution], workspace: Workspace) -> None:
+    """Contributions of which some patch only rows of the layer (``PlacedUpdate``). Placed updates
+    on rows no other contribution touches (a fused qkv patched by a file's to_q, to_k and to_v)
+    patch their rows view directly, each by the best strategy for it; otherwise every contribution
+    is applied in order to a float32 copy of the layer, cast once (the bits of the row-block path)."""
+    height = out.shape[0]
+    spans = sorted((update.start, update.stop) if isinstance(update, PlacedUpdate) else (0, height)
+                   for update, _ in contributions)
+    apart = all(isinstance(update, PlacedUpdate) for update, _ in contributions) and all(
+        previous[1] <= following[0] for previous, following in zip(spans, spans[1:], strict=False))
+    if apart:
+        if out.data_ptr() != source.data_ptr():
+            edges = [0, *(edge for span in spans for edge in span), height]
+            for lo, hi in zip(edges[::2], edges[1::2], strict=True):  # the rows between placed spans
+                if lo < hi:
+                    out[lo:hi].copy_(source[lo:hi])
+        for update, strength in contributions:
+            rows = slice(update.start, update.stop)
+            patch(out[rows], source[rows], [(update.inner, strength)], workspace)
+        return
+    work = source.to(device=out.device, dtype=torch.float32, copy=True)
+    for update, strength in contributions:
+        if isinstance(update, PlacedUpdate):
+            rows = work[update.start:update.stop]
+            patch(rows, rows, [(update.inner, strength)], workspace)
+        else:
+            patch(work, work, [(update, strength)], workspace)
     out.copy_(work)
 
 

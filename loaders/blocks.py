@@ -9,6 +9,10 @@ Blocks (docs/names-and-blocks.md#blocks): SDXL ``TE1 TE2 IN00…IN08 M00 OUT00�
 * a named preset: ALL, NONE, INALL, MIDALL, OUTALL, INS, IND, MIDD, OUTD, OUTS (see PRESETS_HELP).
 * named values ``IN04=0.5, OUT=0, TE2=0`` (groups IN, OUT, MID/M, TE/BASE, UNET, OTHER, ALL);
   unnamed blocks stay 1. A preset may come first: ``OUTALL, IN08=0.5``.
+
+Transformers have their own blocks (``DOUBLE00…``, ``SINGLE00…``, ``JOINT00…``, ``LAYER00…``; families.py):
+named values there take a block (``SINGLE3`` = ``SINGLE03``), a kind (``DOUBLE``), TE, TRANSFORMER
+(every non-text-encoder block), OTHER or ALL; the ALL and NONE presets apply too.
 """
 
 from __future__ import annotations
@@ -118,9 +122,13 @@ def _group(name: str, blocks: Sequence[str]) -> list[str]:
         "UNET": [b for b in blocks if not b.startswith("TE")],
         "OTHER": ["OTHER"],
     }
+    groups["TRANSFORMER"] = groups["DIT"] = groups["MODEL"] = groups["UNET"]
     if upper in groups:
         return [b for b in groups[upper] if b in blocks]
-    m = re.fullmatch(r"(IN|OUT|M)(\d+)", upper)
+    numbered = [b for b in blocks if re.fullmatch(rf"{re.escape(upper)}\d+", b)]
+    if numbered:  # a transformer's kind of block: DOUBLE = DOUBLE00, DOUBLE01…
+        return numbered
+    m = re.fullmatch(r"([A-Z]+)(\d+)", upper)
     if m:
         block = f"{m.group(1)}{int(m.group(2)):02d}"
         if block in blocks:

@@ -20,6 +20,7 @@ from typing import Any
 from .adapter import KIND_NAMES, Adapter, load_adapter
 from .blocks import BlockWeights, parse_block_weights
 from .errors import LohakrError
+from .families import FAMILIES, family_of
 from .guard import check_strength
 from .names import ModelLayout
 from .patcher import PatchedAdapter, WeightPatcher
@@ -29,7 +30,8 @@ from .sources import SourceIndex
 
 logger = logging.getLogger("lohakr")
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 Strength = float | Mapping[str, float]
 
 
@@ -99,7 +101,7 @@ class LycorisLoaderMixin:
                 named = component_strengths(strength or {}, text_encoder_strength, only_named=True)
                 new_strength = {**adapter.component_strength, **named}
             else:
-                new_strength = component_strengths(strength, text_encoder_strength)
+                new_strength = _present(self, component_strengths(strength, text_encoder_strength))
             changed = [f"{c} {adapter.component_strength.get(c, 1.0):g} → {v:g}" for c, v in new_strength.items()
                        if v != adapter.component_strength.get(c, 1.0)]
             if changed:
@@ -230,16 +232,26 @@ def component_strengths(strength: Strength, text_encoder_strength: float | None,
     else:
         result = {c: check_strength(strength) for c in COMPONENTS}
     if text_encoder_strength is not None:
-        result["text_encoder"] = result["text_encoder_2"] = check_strength(text_encoder_strength,
-                                                                           "text_encoder_strength")
+        value = check_strength(text_encoder_strength, "text_encoder_strength")
+        result.update({c: value for c in TEXT_ENCODERS})
     return result
 
 
 def pipeline_layout(pipe: Any) -> ModelLayout:
-    """The layout of the pipeline's UNet and CLIP text encoders, from the live modules."""
-    parts = {c: getattr(pipe, c, None) for c in COMPONENTS}
+    """The layout of the pipeline's denoiser (UNet, or a transformer of ``families.py``) and its
+    text encoders, from the live modules."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        family = family_of(transformer)
+        if family is None:
+            known = ", ".join(f"{f.name} ({', '.join(f.classes)})" for f in FAMILIES.values())
+            raise LohakrError(f"this pipeline's transformer is a {type(transformer).__name__}, which lohakr has no "
+                              f"layout for; it knows {known}, and SD1.x/SD2.x/SDXL UNets")
+        encoders = {c: getattr(pipe, c, None) for c in TEXT_ENCODERS}
+        return ModelLayout.from_transformer(transformer, family, encoders)
+    parts = {c: getattr(pipe, c, None) for c in ("unet", "text_encoder", "text_encoder_2")}
     if parts["unet"] is None and parts["text_encoder"] is None:
-        raise LohakrError("this pipeline has no unet or text_encoder to patch")
+        raise LohakrError("this pipeline has no unet, transformer or text_encoder to patch")
     return ModelLayout.from_diffusers(**parts)
 
 
@@ -262,6 +274,11 @@ def _sources(pipe: Any, patcher: WeightPatcher) -> SourceIndex | None:
     return SourceIndex(components, pipe.__dict__.get("_lohakr_source_files"), opened)
 
 
+def _present(pipe: Any, strengths: dict[str, float]) -> dict[str, float]:
+    """The strengths of the components this pipeline has (a Flux pipeline has no ``unet``)."""
+    return {c: v for c, v in strengths.items() if getattr(pipe, c, None) is not None}
+
+
 def _get(patcher: WeightPatcher, name: str) -> PatchedAdapter:
     if name not in patcher.adapters:
         loaded = ", ".join(patcher.adapters) or "none"
@@ -272,7 +289,7 @@ def _get(patcher: WeightPatcher, name: str) -> PatchedAdapter:
 def _load(pipe, path_or_dict, adapter_name, required_kind, strength, text_encoder_strength, block_weights,
           strict, allow_base_mismatch=False) -> LoadReport:
     patcher = _patcher(pipe)
-    strengths = component_strengths(strength, text_encoder_strength)
+    strengths = _present(pipe, component_strengths(strength, text_encoder_strength))
     adapter = path_or_dict if isinstance(path_or_dict, Adapter) else load_adapter(path_or_dict)
     if required_kind and required_kind not in adapter.kinds:
         have = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in sorted(adapter.algorithm_counts.items())) or "no modules"

@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .families import FAMILIES
 from .safe_json import JsonSyntaxError, parse_json
 
-BASE_MODELS = ("sdxl", "sd1", "sd2", "unknown")
-BASE_MODEL_NAMES = {"sdxl": "SDXL", "sd1": "SD1.5", "sd2": "SD2.x", "unknown": "an unknown base model"}
+BASE_MODELS = ("sdxl", "sd1", "sd2", *FAMILIES, "unknown")
+BASE_MODEL_NAMES = {"sdxl": "SDXL", "sd1": "SD1.5", "sd2": "SD2.x", **{f.id: f.name for f in FAMILIES.values()},
+                    "unknown": "an unknown base model"}
 
 # attn2 (cross-attention) to_k/to_v input width = the text encoder's hidden size.
 CROSS_ATTENTION_WIDTH = {2048: "sdxl", 768: "sd1", 1024: "sd2"}
@@ -106,6 +108,9 @@ class AdapterMetadata:
                 return "sd2", f"modelspec.architecture = {arch}"
             if "stable-diffusion-v1" in low:
                 return "sd1", f"modelspec.architecture = {arch}"
+            for family in FAMILIES.values():
+                if any(name in low for name in family.architectures):
+                    return family.id, f"modelspec.architecture = {arch}"
         version = self.raw.get("ss_base_model_version", "")
         if version:
             if version.startswith("sdxl"):
@@ -114,23 +119,48 @@ class AdapterMetadata:
                 return "sd2", f"ss_base_model_version = {version}"
             if version.startswith("sd_v1"):
                 return "sd1", f"ss_base_model_version = {version}"
+            for family in FAMILIES.values():
+                if any(version.lower().startswith(name) for name in family.architectures):
+                    return family.id, f"ss_base_model_version = {version}"
         v2 = self.raw.get("ss_v2")
         if v2 == "True":
             return "sd2", "ss_v2 = True"
         return None
 
 
-# Two text encoders mean SDXL. SGM UNet names (``lora_unet_input_blocks_…``) do not: converters
-# write them for SD1.5 too.
-_SDXL_KEY = re.compile(r"^lora_(te1|te2)_")
+# Names only one transformer family's files have (families.py), then SDXL from kohya's second text
+# encoder or its first beside UNet names. SGM UNet names (``lora_unet_input_blocks_…``) alone do not
+# mean SDXL: converters write them for SD1.5 too. ``lora_te1_`` alone does not either: Flux.1 and
+# SD3 files name CLIP-L so.
+_FAMILY_NAMES = [(family.id, re.compile("|".join(family.name_patterns))) for family in FAMILIES.values()]
+_TRANSFORMER_NAME = re.compile(  # a transformer's numbered blocks at the top (a UNet's are inside attentions)
+    r"^(?:lora_unet_|lycoris_|lora_transformer_|transformer\.|(?:model\.)?diffusion_model\.|base_model\.model\."
+    r"(?:transformer\.)?)?(?:double_blocks|single_blocks|joint_blocks|transformer_blocks|single_transformer_blocks)"
+    r"[._]\d+|^lora_te3_")
+_UNET_NAME = re.compile(r"(?:^|[._])(?:input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)[._]")
 
 
 def base_model_from_names(module_names: Iterable[str]) -> tuple[str, str] | None:
-    """SDXL from kohya's text-encoder key prefixes (``lora_te1_``/``lora_te2_``)."""
-    for name in module_names:
-        if _SDXL_KEY.match(name):
+    """A transformer family from names only its files have; SDXL from kohya's text-encoder prefixes
+    (``lora_te2_``, or ``lora_te1_`` beside UNet names) when no name is a transformer's."""
+    names = list(module_names)
+    for family, pattern in _FAMILY_NAMES:
+        for name in names:
+            if pattern.search(name):
+                return family, f"module name {name}"
+    if any(_TRANSFORMER_NAME.search(name) for name in names):
+        return None
+    unet = any(_UNET_NAME.search(name) for name in names)
+    for name in names:
+        if name.startswith("lora_te2_") or (unet and name.startswith("lora_te1_")):
             return "sdxl", f"key prefix of {name}"
     return None
+
+
+def looks_like_a_transformer(module_names: Iterable[str]) -> bool:
+    """True when some module name is a diffusion transformer's (then UNet cross-attention widths tell nothing)."""
+    return any(_TRANSFORMER_NAME.search(name) or pattern.search(name) for name in module_names
+               for _, pattern in _FAMILY_NAMES)
 
 
 def base_model_from_widths(cross_attention_inputs: Iterable[tuple[str, int]]) -> tuple[str, str] | None:

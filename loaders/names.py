@@ -10,11 +10,13 @@ appear under in a file: kohya diffusers-style (``lora_unet_down_blocks_…``), k
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .families import SWAPPED_IF_TWO_HALVES, Original, TransformerFamily
 from .lazy import lazy_module
 
 nn = lazy_module("torch.nn")
@@ -65,6 +67,21 @@ class LayerTarget:
         return f"{self.component}.{self.path}"
 
 
+@dataclass(frozen=True)
+class LayerPart:
+    """Where some output rows of a file module go: ``rows`` of the layer ``target`` (``None``: all of
+    its rows). A module named as a fused layer the model splits (BFL's ``img_attn.qkv`` on diffusers'
+    ``to_q``/``to_k``/``to_v``) has one part per layer, its rows in order
+    (docs/names-and-blocks.md#fused-and-split-layers)."""
+
+    target: LayerTarget
+    rows: tuple[int, int] | None = None
+
+    @property
+    def height(self) -> int:
+        return self.target.weight_shape[0] if self.rows is None else self.rows[1] - self.rows[0]
+
+
 @dataclass(eq=False)
 class ModelLayout:
     """All patchable layers of a model, with every alias a file may use for them."""
@@ -74,15 +91,59 @@ class ModelLayout:
     aliases: dict[str, str] = field(default_factory=dict)
     blocks: list[str] = field(default_factory=list)
     components: dict[str, nn.Module] = field(default_factory=dict)
+    # names of fused (or reordered) layers: name → [(target key, target rows or None)], rows in order
+    composites: dict[str, list[tuple[str, tuple[int, int] | None]]] = field(default_factory=dict)
 
     def resolve(self, module_name: str) -> LayerTarget | None:
         key = self.aliases.get(module_name)
         return self.targets[key] if key is not None else None
 
+    def resolve_parts(self, module_name: str) -> list[LayerPart] | None:
+        """The parts a module name covers: one whole layer for a plain alias, several for a composite."""
+        key = self.aliases.get(module_name)
+        if key is not None:
+            return [LayerPart(self.targets[key])]
+        parts = self.composites.get(module_name)
+        if parts is None:
+            return None
+        return [LayerPart(self.targets[key], rows) for key, rows in parts]
+
     def register(self, target: LayerTarget, names: list[str]) -> None:
         self.targets[target.key] = target
         for name in names:
             self.aliases.setdefault(name, target.key)
+
+    def register_composite(self, parts: list[tuple[str, tuple[int, int] | None]], names: list[str]) -> None:
+        for name in names:
+            if name not in self.aliases:
+                self.composites.setdefault(name, parts)
+
+    @classmethod
+    def from_transformer(cls, transformer: nn.Module, family: TransformerFamily,
+                         text_encoders: Mapping[str, nn.Module] | None = None) -> ModelLayout:
+        """The layout of a diffusion transformer (Flux.1, Flux.2, SD3, Z-Image, Qwen-Image) and its
+        text encoders, from the live modules and the family's tables (``families.py``)."""
+        layout = cls(family=family.id, targets={})
+        encoders = {c: m for c, m in (text_encoders or {}).items() if m is not None and c in family.text_encoders}
+        for number, (component, model) in enumerate(encoders.items(), start=1):
+            layout.components[component] = model
+            block = "TE" if len(family.text_encoders) == 1 else f"TE{number}"
+            for path, layer in patchable_layers(model):
+                target = LayerTarget(component, path, tuple(layer.weight.shape), block, layer)
+                layout.register(target, _text_encoder_names(component, path, family.text_encoders[component]))
+        layout.components["transformer"] = transformer
+        layers = list(patchable_layers(transformer))
+        for path, layer in layers:
+            target = LayerTarget("transformer", path, tuple(layer.weight.shape), family.block_of(path), layer)
+            layout.register(target, _transformer_names(path))
+        for original, spec in _original_names(family, [path for path, _ in layers]):
+            _register_original(layout, original, spec)
+        for path, _ in layers:  # diffusers paths under the original-name prefixes, last
+            layout.register(layout.targets[f"transformer.{path}"],
+                            [f"diffusion_model.{path}", f"lora_unet_{_underscored(path)}"])
+        present = {t.block for t in layout.targets.values()}
+        layout.blocks = sorted(present | {"OTHER"}, key=_transformer_block_order(family))
+        return layout
 
     @classmethod
     def from_diffusers(
@@ -190,6 +251,81 @@ def _underscored(path: str) -> str:
     return path.replace(".", "_")
 
 
+def _transformer_names(path: str) -> list[str]:
+    """diffusers/PEFT dotted (bare, ``transformer.``, ``base_model.model.``), LyCORIS/SimpleTuner
+    ``lycoris_`` and OneTrainer ``lora_transformer_`` names of a transformer layer."""
+    flat = _underscored(path)
+    return [path, f"transformer.{path}", f"base_model.model.{path}", f"base_model.model.transformer.{path}",
+            f"lycoris_{flat}", f"lora_transformer_{flat}"]
+
+
+def _original_layer_names(path: str) -> list[str]:
+    """kohya ``lora_unet_``, ai-toolkit/ComfyUI ``diffusion_model.`` and bare names of an original path."""
+    return [f"lora_unet_{_underscored(path)}", f"diffusion_model.{path}", f"model.diffusion_model.{path}", path,
+            f"base_model.model.{path}", f"lycoris_{_underscored(path)}"]
+
+
+def _original_names(family: TransformerFamily, paths: list[str]) -> Iterator[tuple[str, Original]]:
+    """``(original path, diffusers spec)`` for every original layer name of the family's tables,
+    for the blocks the model has."""
+    for scope in family.scopes:
+        numbered = re.compile(rf"{re.escape(scope.diffusers)}\.(\d+)\.")
+        indices = sorted({int(m.group(1)) for p in paths if (m := numbered.match(p))})
+        for i in indices:
+            inside = f"{scope.diffusers}.{i}."
+            for original, spec in scope.layers.items():
+                yield f"{scope.original or scope.diffusers}.{i}.{original}", _prefixed(inside, spec)
+    yield from family.top_level.items()
+
+
+def _prefixed(prefix: str, spec: Original) -> Original:
+    if isinstance(spec, str):
+        return prefix + spec
+    if isinstance(spec, tuple):
+        return (prefix + spec[0], spec[1])
+    return [prefix + part for part in spec]
+
+
+def _register_original(layout: ModelLayout, original: str, spec: Original) -> None:
+    """Register an original name: an alias of one layer, or a composite of fused or reordered parts.
+    A rule whose layers this model lacks (SD3.5 Medium's ``attn2`` in other blocks) is left out."""
+    names = _original_layer_names(original)
+    targets = layout.targets
+    if isinstance(spec, str):
+        if f"transformer.{spec}" in targets:
+            layout.register(targets[f"transformer.{spec}"], names)
+        return
+    if isinstance(spec, tuple):
+        path, how = spec
+        target = targets.get(f"transformer.{path}")
+        if target is None:
+            return
+        rows, width = target.weight_shape[0], math.prod(target.weight_shape[1:])
+        if how == SWAPPED_IF_TWO_HALVES and rows != 2 * width:
+            layout.register(target, names)
+            return
+        half = rows // 2
+        layout.register_composite([(target.key, (half, rows)), (target.key, (0, half))], names)
+        return
+    keys = [f"transformer.{path}" for path in spec]
+    if all(key in targets for key in keys):
+        layout.register_composite([(key, None) for key in keys], names)
+
+
+def _transformer_block_order(family: TransformerFamily):
+    groups = {group: n for n, group in enumerate(family.block_groups)}
+
+    def order(block: str) -> tuple[int, int, int]:
+        if block.startswith("TE"):
+            return (0, 0, int(block[2:] or 0))
+        match = re.fullmatch(r"([A-Z]+)(\d+)", block)
+        if match and match.group(1) in groups:
+            return (1, groups[match.group(1)], int(match.group(2)))
+        return (2, 0, 0)
+
+    return order
+
+
 def _unet_names(path: str, sgm_path: str | None) -> list[str]:
     flat = _underscored(path)
     names = [f"lora_unet_{flat}", f"lycoris_{flat}", f"unet.{path}", f"base_model.model.{path}", path]
@@ -199,10 +335,13 @@ def _unet_names(path: str, sgm_path: str | None) -> list[str]:
 
 
 def _text_encoder_names(component: str, path: str, prefixes: tuple[str, ...]) -> list[str]:
-    """transformers 5 dropped ``text_model.`` from CLIPTextModel; files still have it, so both."""
+    """transformers 5 dropped ``text_model.`` from CLIPTextModel; files still have it, so both. A
+    language model's ``model.`` is left out of ComfyUI's names of it, so both too."""
     variants = [path]
     if path.startswith("text_model."):
         variants.append(path[len("text_model."):])
+    elif path.startswith("model."):
+        variants.append(path[len("model."):])
     else:
         variants.append("text_model." + path)
     names = []

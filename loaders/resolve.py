@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .adapter import Adapter
-from .errors import BaseModelMismatchError, StrictLoadError
+from .errors import AdapterShapeError, BaseModelMismatchError, StrictLoadError
 from .metadata import BASE_MODEL_NAMES
-from .names import LayerTarget, ModelLayout, guess_block
+from .names import LayerPart, LayerTarget, ModelLayout, guess_block
 from .report import LoadReport, ModuleOutcome
-from .updates import LayerUpdate
+from .updates import LayerUpdate, PlacedUpdate
 
 
 @dataclass(eq=False)
@@ -54,10 +54,9 @@ def resolve(
     matches: list[Match] = []
     patched_by: dict[str, str] = {}  # layer → the module that patches it
     for name, module in adapter.modules.items():
-        outcome, match = _classify(name, module, layout, fallback, fallback_name, patched_by)
+        outcome, module_matches = _classify(name, module, layout, fallback, fallback_name, patched_by)
         report.outcomes.append(outcome)
-        if match is not None:
-            matches.append(match)
+        matches.extend(module_matches)
     for name, reason in adapter.skipped.items():
         report.outcomes.append(ModuleOutcome(name, "unsupported", guess_block(name), None, reason=reason))
 
@@ -74,26 +73,58 @@ def resolve(
 
 def _classify(name: str, module: LayerUpdate, layout: ModelLayout,
               fallback: Callable[[str], LayerTarget | None] | None, fallback_name: str,
-              patched_by: dict[str, str]) -> tuple[ModuleOutcome, Match | None]:
-    """One module's outcome, and its match when it applies (``patched_by``: layers taken so far)."""
-    target = layout.resolve(name)
+              patched_by: dict[str, str]) -> tuple[ModuleOutcome, list[Match]]:
+    """One module's outcome, and its matches when it applies (``patched_by``: layers taken so far).
+    A module for a fused layer the model splits has one match per part
+    (docs/names-and-blocks.md#fused-and-split-layers)."""
+    parts = layout.resolve_parts(name)
     resolver = "lohakr"
-    if target is None and fallback is not None:
+    if parts is None and fallback is not None:
         target = fallback(name)
+        parts = None if target is None else [LayerPart(target)]
         resolver = fallback_name
-    if target is None:
+    if parts is None:
         return ModuleOutcome(name, "unmatched", guess_block(name), module.kind,
-                             reason="no layer of this model has this name"), None
-    problem = module.check_target(target.weight_shape)
+                             reason="no layer of this model has this name"), []
+    first_target = parts[0].target
+    where = " + ".join(_part_key(part) for part in parts)
+    shape = (sum(part.height for part in parts), *first_target.weight_shape[1:])
+    problem = module.check_target(shape)
+    if problem is None and any(part.target.weight_shape[1:] != first_target.weight_shape[1:] for part in parts):
+        problem = f"its parts {where} differ in input width"
     if problem:
-        return ModuleOutcome(name, "mismatched", target.block, module.kind, target.key, problem, resolver), None
-    first = patched_by.setdefault(target.host_key or target.key, name)
-    if first != name:
-        reason = (f"the file also names this layer as {first}, which is applied; a layer is patched once "
-                  "(the file names it in two styles)")
-        return ModuleOutcome(name, "duplicate", target.block, module.kind, target.key, reason, resolver), None
-    return (ModuleOutcome(name, "applied", target.block, module.kind, target.key, resolver=resolver),
-            Match(module, target))
+        return ModuleOutcome(name, "mismatched", first_target.block, module.kind, where, problem, resolver), []
+    for part in parts:
+        first = patched_by.setdefault(_part_key(part, host=True), name)
+        if first != name:
+            reason = (f"the file also names this layer as {first}, which is applied; a layer is patched once "
+                      "(the file names it in two styles)")
+            return ModuleOutcome(name, "duplicate", first_target.block, module.kind, where, reason, resolver), []
+    try:
+        matches = _part_matches(module, parts)
+    except AdapterShapeError as err:
+        return ModuleOutcome(name, "unsupported", first_target.block, module.kind, where, str(err), resolver), []
+    return ModuleOutcome(name, "applied", first_target.block, module.kind, where, resolver=resolver), matches
+
+
+def _part_key(part: LayerPart, host: bool = False) -> str:
+    key = (part.target.host_key or part.target.key) if host else part.target.key
+    return key if part.rows is None else f"{key}[{part.rows[0]}:{part.rows[1]}]"
+
+
+def _part_matches(module: LayerUpdate, parts: list[LayerPart]) -> list[Match]:
+    """The module's rows, part by part, as updates of each part's layer (sliced factors, no product)."""
+    if len(parts) == 1 and parts[0].rows is None:
+        return [Match(module, parts[0].target)]
+    matches, row = [], 0
+    for part in parts:
+        target, start = part.target, (part.rows[0] if part.rows else 0)
+        for offset, piece in module.row_pieces(row, row + part.height):
+            whole = part.rows is None and offset == 0 and piece.out_features == part.height
+            update = piece if whole else PlacedUpdate.of(piece, start + offset, target.weight_shape)
+            matches.append(Match(update, target))
+        row += part.height
+    return matches
 
 
 def _refuse_other_base_model(adapter: Adapter, layout: ModelLayout, report: LoadReport) -> None:

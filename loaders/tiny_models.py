@@ -214,3 +214,43 @@ def make_sd15_pipeline(tok_dir, unet=None, te=None):
     )
 
 
+
+
+# Diffusion transformers (docs/names-and-blocks.md#transformer-families): the real layouts, with a
+# hidden size of 32 and two blocks of each kind. SD3's first block has the second attention of
+# SD3.5 Medium; its last block is context_pre_only, as in every SD3.
+TRANSFORMER_CONFIGS: dict[str, tuple[str, dict]] = {
+    "flux1": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))),
+    "flux2": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True)),
+    "sd3": ("SD3Transformer2DModel", dict(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")),
+    "zimage": ("ZImageTransformer2DModel", dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32])),
+    "qwenimage": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6))),
+}
+
+
+def make_transformer(family: str, seed=SEED, dtype=torch.float32):
+    """A tiny diffusers transformer of ``family`` (a key of ``TRANSFORMER_CONFIGS``), seeded; every
+    weight random (diffusers zero-initialises some output layers)."""
+    import diffusers
+
+    class_name, config = TRANSFORMER_CONFIGS[family]
+    torch.manual_seed(seed)
+    model = getattr(diffusers, class_name)(**config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model if dtype == torch.float32 else model.to(dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from .errors import AdapterShapeError, where
@@ -271,6 +271,35 @@ class LayerUpdate:
         """``s·diff_b`` in float32, for modules that carry one; else ``None``."""
         return None
 
+    # -- row slices (docs/names-and-blocks.md#fused-and-split-layers) ---------------------------
+    def row_pieces(self, start: int, stop: int) -> list[tuple[int, LayerUpdate]]:
+        """Output rows ``start:stop`` of this update as updates of the same algorithm whose factors
+        are views of these (no product is built): ``[(offset, piece)]``, offsets from ``start``,
+        the pieces stacked in row order. One piece for every algorithm but a LoKr whose range cuts
+        through w2's row blocks (up to three pieces then: partial block, whole blocks, partial
+        block). Raises ``AdapterShapeError`` for an input-axis DoRA, whose norms need every row."""
+        if not 0 <= start < stop <= self.out_features:
+            raise AdapterShapeError(f"{where(self.source, self.name)}rows {start}:{stop} are outside its "
+                                    f"{self.out_features} output rows")
+        if start == 0 and stop == self.out_features:
+            return [(0, self)]
+        return [(0, self._sliced(self._sliced_factors(start, stop), start, stop))]
+
+    def _sliced_factors(self, start: int, stop: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _sliced(self, factors: dict[str, Tensor], start: int, stop: int) -> LayerUpdate:
+        """This update with ``factors`` and the matching rows of its DoRA magnitude."""
+        magnitude = self.dora_scale
+        if magnitude is not None:
+            if self.dora_axis(self.weight_shape) != "out":
+                raise AdapterShapeError(
+                    f"{where(self.source, self.name)}its DoRA normalises over the input axis, across all "
+                    f"{self.out_features} output rows, so it cannot be split into rows {start}:{stop} of "
+                    "separate layers")
+            magnitude = magnitude[start:stop]
+        return replace(self, factors=factors, dora_scale=magnitude)
+
     # -- conveniences (one implementation each, through apply.py) ------------------------------
     def delta(self, weight_shape: tuple[int, ...], device: Device = None) -> Tensor:
         """``s·R`` reshaped to ``weight_shape``, float32 on ``device``; strength not included."""
@@ -364,6 +393,12 @@ class LohaUpdate(LayerUpdate):
     @property
     def tucker(self) -> bool:
         return "hada_t1" in self.factors
+
+    def _sliced_factors(self, start: int, stop: int) -> dict[str, Tensor]:
+        f = dict(self.factors)
+        for key in ("hada_w1_a", "hada_w2_a"):  # Tucker: (r, out); else (out, r…)
+            f[key] = f[key][:, start:stop] if self.tucker else f[key][start:stop]
+        return f
 
     def _factor_bound(self) -> float:
         f = self.factors
@@ -497,6 +532,45 @@ class LokrUpdate(LayerUpdate):
             w2 = bound_product(_row_sum_max(f["lokr_w2_a"]), _abs_max(f["lokr_w2_b"]))
         return bound_product(w1, w2)
 
+    def row_pieces(self, start: int, stop: int) -> list[tuple[int, LayerUpdate]]:
+        """Row ``i·p + q`` of ``w1 ⊗ w2`` (p = rows of w2) is ``w1[i] ⊗ w2[q]``: whole w2 blocks are
+        rows of w1 with all of w2, a cut block is one row of w1 with rows of w2."""
+        if not 0 <= start < stop <= self.out_features or (start, stop) == (0, self.out_features):
+            return super().row_pieces(start, stop)
+        p = self.w2_shape[0]
+        spans = []  # (w1 rows, w2 rows) of each piece, in row order
+        row = start
+        while row < stop:
+            i, q = divmod(row, p)
+            if q == 0 and stop - row >= p:
+                n = (stop - row) // p
+                spans.append(((i, i + n), (0, p)))
+            else:
+                n = 1
+                spans.append(((i, i + 1), (q, min(p, q + stop - row))))
+            row += n * (spans[-1][1][1] - spans[-1][1][0])
+        pieces, offset = [], 0
+        for (i0, i1), (q0, q1) in spans:
+            pieces.append((offset, self._sliced(self._kron_factors(i0, i1, q0, q1), start + offset,
+                                                start + offset + (i1 - i0) * (q1 - q0))))
+            offset += (i1 - i0) * (q1 - q0)
+        assert offset == stop - start, (start, stop, spans)
+        return pieces
+
+    def _kron_factors(self, i0: int, i1: int, q0: int, q1: int) -> dict[str, Tensor]:
+        """The factors of ``w1[i0:i1] ⊗ w2[q0:q1]``."""
+        f = dict(self.factors)
+        key = "lokr_w1" if "lokr_w1" in f else "lokr_w1_a"
+        f[key] = f[key][i0:i1]
+        if (q0, q1) != (0, self.w2_shape[0]):
+            if "lokr_w2" in f:
+                f["lokr_w2"] = f["lokr_w2"][q0:q1]
+            elif self.tucker:  # (r, out) beside the core
+                f["lokr_w2_a"] = f["lokr_w2_a"][:, q0:q1]
+            else:
+                f["lokr_w2_a"] = f["lokr_w2_a"][q0:q1]
+        return f
+
     @property
     def w1_low_rank(self) -> bool:
         return "lokr_w1" not in self.factors
@@ -601,6 +675,9 @@ class LoraUpdate(LayerUpdate):
     def tucker(self) -> bool:
         return "lora_mid.weight" in self.factors
 
+    def _sliced_factors(self, start: int, stop: int) -> dict[str, Tensor]:
+        return {**self.factors, "lora_up.weight": self.factors["lora_up.weight"][start:stop]}
+
     def _factor_bound(self) -> float:
         f = self.factors
         mid = f.get("lora_mid.weight")
@@ -648,6 +725,9 @@ class DiffUpdate(LayerUpdate):
     def rank(self) -> None:
         return None
 
+    def _sliced_factors(self, start: int, stop: int) -> dict[str, Tensor]:
+        return {key: value[start:stop] for key, value in self.factors.items()}  # diff, diff_b
+
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return _shape(self.factors["diff"])
@@ -668,6 +748,77 @@ class DiffUpdate(LayerUpdate):
         if bias is None:
             return None
         return bias.to(device=device, dtype=torch.float32, copy=True).mul_(self.scale)
+
+
+@dataclass(eq=False)
+class PlacedUpdate(LayerUpdate):
+    """An update of some output rows of a larger layer: ``inner`` patches rows
+    ``start:start + inner.out_features`` of a weight of ``layer_shape``, as if they were a layer of
+    their own (its DoRA norms are over those rows only). A file module for one of diffusers' split
+    projections on a model that fuses them (``to_q`` into a fused ``qkv``), or a half of a layer
+    whose halves two naming schemes order differently (docs/names-and-blocks.md#fused-and-split-layers).
+    ``apply.patch`` patches the rows view; ``rows`` here pads with zeros, for inspection only."""
+
+    inner: LayerUpdate | None = None
+    start: int = 0
+    layer_shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.kind = self.inner.kind  # type: ignore[misc]  # reported as the algorithm it places
+
+    @classmethod
+    def of(cls, inner: LayerUpdate, start: int, layer_shape: tuple[int, ...]) -> PlacedUpdate:
+        return cls(name=inner.name, factors=inner.factors, alpha=inner.alpha, dora_scale=inner.dora_scale,
+                   scalar=inner.scalar, source=inner.source, dora_prefer_output=inner.dora_prefer_output,
+                   inner=inner, start=start, layer_shape=tuple(layer_shape))
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.inner.out_features
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    @property
+    def tucker(self) -> bool:
+        return self.inner.tucker
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.layer_shape
+
+    def _factor_bound(self) -> float:
+        return self.inner.update_bound()
+
+    def check_target(self, weight_shape: tuple[int, ...]) -> str | None:
+        if tuple(weight_shape) != self.layer_shape:
+            return (f"it patches rows {self.start}:{self.stop} of a {_fmt(self.layer_shape)} weight, "
+                    f"not {_fmt(weight_shape)}")
+        return self.inner.check_target((self.inner.out_features, *self.layer_shape[1:]))
+
+    def rows(self, start: int, stop: int, device: Device = None, cache: FactorCache | None = None) -> Tensor:
+        out = torch.zeros(stop - start, self.in_features, dtype=torch.float32, device=device)
+        lo, hi = max(start, self.start), min(stop, self.stop)
+        if lo < hi:
+            out[lo - start:hi - start] = self.inner.rows(lo - self.start, hi - self.start, device, cache)
+        return out
+
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.inner.has_bias_delta
+
+    def bias_delta(self, device: Device = None) -> Tensor | None:
+        inner = self.inner.bias_delta(device)
+        if inner is None:
+            return None
+        out = torch.zeros(self.layer_shape[0], dtype=torch.float32, device=inner.device)
+        out[self.start:self.stop] = inner
+        return out
 
 
 UPDATE_CLASSES: dict[str, type[LayerUpdate]] = {

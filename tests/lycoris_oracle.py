@@ -188,3 +188,50 @@ def kohya_name(name: str, family: str) -> str:
         body = {"add_embedding_linear_1": "label_emb_0_0", "add_embedding_linear_2": "label_emb_0_2"}.get(body, body)
         name = convert_diffusers_name_to_compvis("lora_unet_" + body)
     return name
+
+
+# -- diffusion transformers (docs/names-and-blocks.md#transformer-families) ------------------------
+def lycoris_on(model: torch.nn.Module, variant: str, seed: int = 0):
+    """LyCORIS' own ``create_lycoris`` on every Linear of ``model`` (as SimpleTuner applies it:
+    ``lycoris_<path>`` names), randomised; the preset is put back afterwards."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    kw = dict(VARIANTS[variant])
+    saved = {k: getattr(LycorisNetwork, k) for k in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV")}
+    LycorisNetwork.apply_preset({"target_module": ["Linear"], "target_name": [], "enable_conv": False})
+    try:
+        net = create_lycoris(model, 1.0, linear_dim=kw.pop("network_dim"), linear_alpha=kw.pop("network_alpha"),
+                             **kw)
+    finally:
+        for key, value in saved.items():
+            setattr(LycorisNetwork, key, value)
+    net.apply_to()
+    randomize(net, seed)
+    return net
+
+
+@torch.no_grad()
+def module_reference(net, multiplier: float = 1.0) -> dict[str, Reference]:
+    """``reference`` for a ``create_lycoris`` network: lora_name → W0, ΔW and W' (forward semantics)."""
+    out = {}
+    for m in net.loras:
+        w0 = m.org_module[0].weight.detach().float().clone()
+        diff = m.get_weight(m.shape).float() * m.scalar
+        w = m.apply_weight_decompose(w0 + diff, multiplier) if m.wd else w0 + diff * multiplier
+        out[m.lora_name] = Reference(w0, diff.reshape(w0.shape).clone(), w.float(), bool(m.wd))
+    return out
+
+
+def save_lycoris(net, path: Path, renames=None, metadata: dict | None = None) -> Path:
+    """Save ``net``'s factors (float32) with module names passed through ``renames``."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for m in net.loras:
+        name = renames(m.lora_name) if renames else m.lora_name
+        for key, value in m.state_dict().items():
+            if key.startswith("org_") or key == "scalar":
+                continue
+            tensors[f"{name}.{key}"] = value.detach().float().contiguous()
+    save_file(tensors, str(path), metadata or {})
+    return path

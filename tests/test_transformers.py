@@ -1,0 +1,321 @@
+"""Diffusion transformers (Flux.1, Flux.2, SD3, Z-Image, Qwen-Image) in diffusers: real LyCORIS files
+in every naming style, fused original names on diffusers' split layers, blocks and base-model
+refusal (docs/names-and-blocks.md#transformer-families, #fused-and-split-layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lycoris_oracle import lycoris_on, module_reference, save_lycoris
+from test_diffusers import assert_patched, max_rel
+
+import lohakr
+from lohakr import BaseModelMismatchError, LohakrError
+from lohakr.loaders import tiny_models
+from lohakr.loaders.diffusers_pipeline import pipeline_layout
+from lohakr.loaders.families import FAMILIES
+from lohakr.loaders.names import ModelLayout, patchable_layers
+
+FAMILY_IDS = list(tiny_models.TRANSFORMER_CONFIGS)
+PIPELINES = {"flux1": "FluxPipeline", "flux2": "Flux2Pipeline", "sd3": "StableDiffusion3Pipeline",
+             "zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}
+VARIANTS = ["loha", "loha_dora_out", "lokr", "lokr_f4", "lokr_both", "lokr_full", "lokr_dora_out"]
+
+
+def make_pipe(family: str, with_text_encoder: bool = False):
+    """The stock diffusers pipeline of ``family`` around a tiny transformer (and, for Flux.1, a tiny
+    CLIP-L); the other components are left out, as nothing here runs them."""
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINES[family])
+    names = set(cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount])
+    parts = {name: None for name in names}
+    parts["transformer"] = tiny_models.make_transformer(family)
+    if with_text_encoder:
+        parts["text_encoder"] = tiny_models.make_clip_text_model()
+    pipe = cls(**parts)
+    return lohakr.enable(pipe)
+
+
+def weights(pipe):
+    layout = pipeline_layout(pipe)
+    return layout, {key: t.layer.weight.detach().clone() for key, t in layout.targets.items()}
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lycoris_files_apply_as_lycoris_does(tmp_path, family, variant):
+    """SimpleTuner / LyCORIS ``lycoris_<path>`` files made by LyCORIS on the diffusers transformer."""
+    pipe = make_pipe(family)
+    net = lycoris_on(tiny_models.make_transformer(family), variant)
+    expected = module_reference(net)
+    path = save_lycoris(net, tmp_path / f"{family}_{variant}.safetensors")
+    strength = 0.7
+    report = pipe.load_lycoris(path, strength=strength)
+    assert report.complete and len(report.applied) == len(expected), report.format()
+    assert report.model_family == family
+    layout = pipeline_layout(pipe)
+    for outcome in report.applied:
+        ref = expected[outcome.module]
+        got = layout.targets[outcome.target].layer.weight.detach()
+        if ref.dora:
+            wanted = ref.w0 + strength * (ref.patched - ref.w0)
+            assert max_rel(got, wanted, wanted) <= 1e-5, outcome.module
+        else:
+            assert_patched(got, ref.w0, strength * ref.delta, outcome.module)
+    pipe.unload_lycoris()
+    _, after = weights(pipe)
+    fresh = dict(patchable_layers(tiny_models.make_transformer(family)))
+    for key, value in after.items():
+        assert torch.equal(value, fresh[key.removeprefix("transformer.")].weight), key
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", "base_model.model.", "", "lora_transformer_"])
+def test_every_diffusers_naming_style(tmp_path, prefix):
+    pipe = make_pipe("flux1")
+    net = lycoris_on(tiny_models.make_transformer("flux1"), "lokr")
+
+    def rename(name: str) -> str:
+        path = next(p for p, _ in patchable_layers(pipe.transformer) if "lycoris_" + p.replace(".", "_") == name)
+        return prefix + (path.replace(".", "_") if prefix.endswith("_") else path)
+
+    path = save_lycoris(net, tmp_path / "named.safetensors", rename)
+    report = pipe.load_lokr(path)
+    assert report.complete and len(report.applied) == len(net.loras), report.format()
+
+
+def original_model(family: str, transformer: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+    """The family's original (BFL / MMDiT / ComfyUI) layer tree, built from the family table: each
+    original layer a Linear holding its diffusers layers' rows (fused, or halves swapped). Returns
+    the tree and, per original path, its parts (docs/names-and-blocks.md#fused-and-split-layers)."""
+    from lohakr.loaders.names import _original_names
+
+    layout = ModelLayout.from_transformer(transformer, FAMILIES[family])
+    paths = [path + "." for path, _ in patchable_layers(transformer)]
+    root, parts_of = torch.nn.Module(), {}
+    for original, _ in _original_names(FAMILIES[family], paths):
+        parts = layout.resolve_parts(original)
+        if parts is None or (len(parts) == 1 and parts[0].rows is None and original == parts[0].target.path):
+            continue
+        if parts[0].target.layer.weight.dim() != 2:  # SD3's patch embedding is a conv: not fused anywhere
+            continue
+        rows = [part.target.layer.weight[slice(*(part.rows or (0, part.height)))] for part in parts]
+        fused = torch.cat([r.detach() for r in rows])
+        linear = torch.nn.Linear(fused.shape[1], fused.shape[0], bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(fused)
+        holder = root
+        *outer, leaf = original.split(".")
+        for name in outer:
+            if not hasattr(holder, name):
+                holder.add_module(name, torch.nn.Module())
+            holder = getattr(holder, name)
+        holder.add_module(leaf, linear)
+        parts_of[original] = parts
+    return root, parts_of
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2", "sd3", "zimage"])
+@pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_f4", "lokr_full", "lokr_dora_out", "loha_dora_out"])
+@pytest.mark.parametrize("style", ["lora_unet_", "diffusion_model."])
+def test_original_fused_names_on_split_diffusers_layers(tmp_path, family, variant, style):
+    """kohya (``lora_unet_``) and ai-toolkit (``diffusion_model.``) files name the original fused
+    layers; each diffusers layer gets its rows of the fused update, halves swapped where the
+    schemes order them differently: the weights LyCORIS gives the fused layer, row for row."""
+    pipe = make_pipe(family)
+    tree, parts_of = original_model(family, tiny_models.make_transformer(family))
+    net = lycoris_on(tree, variant)
+    expected = module_reference(net)
+    by_name = {"lycoris_" + p.replace(".", "_"): p for p in parts_of}
+
+    def rename(name: str) -> str:
+        original = by_name[name]
+        return "lora_unet_" + original.replace(".", "_") if style == "lora_unet_" else style + original
+
+    path = save_lycoris(net, tmp_path / "original.safetensors", rename)
+    strength = 0.6
+    report = pipe.load_lycoris(path, strength=strength)
+    assert report.complete and len(report.applied) == len(parts_of), report.format()
+    _, got = weights(pipe)
+    checked = 0
+    for name, ref in expected.items():
+        parts = parts_of[by_name[name]]
+        wanted = ref.w0 + strength * (ref.patched - ref.w0) if ref.dora else ref.w0 + strength * ref.delta
+        row = 0
+        for part in parts:
+            rows = slice(*(part.rows or (0, part.height)))
+            piece = got[part.target.key][rows]
+            expect = wanted[row:row + part.height]
+            if ref.dora:
+                assert max_rel(piece, expect, expect) <= 1e-5, (name, part)
+            else:
+                assert_patched(piece, ref.w0[row:row + part.height], expect - ref.w0[row:row + part.height], name)
+            row += part.height
+            checked += 1
+    assert checked > len(expected)  # fused layers were split
+
+
+def test_input_axis_dora_on_a_fused_layer_is_refused_with_the_reason(tmp_path):
+    pipe = make_pipe("flux1")
+    tree, parts_of = original_model("flux1", tiny_models.make_transformer("flux1"))
+    net = lycoris_on(tree, "lokr_dora_in")
+    by_name = {"lycoris_" + p.replace(".", "_"): p for p in parts_of}
+    path = save_lycoris(net, tmp_path / "dora_in.safetensors",
+                        lambda name: "lora_unet_" + by_name[name].replace(".", "_"))
+    report = pipe.load_lokr(path)
+    refused = report.of("unsupported")
+    assert refused and all("input axis" in o.reason for o in refused), report.format()
+    composite = {"lora_unet_" + p.replace(".", "_") for p in parts_of if len(parts_of[p]) > 1 or parts_of[p][0].rows}
+    assert {o.module for o in refused} == composite
+    with pytest.raises(LohakrError):
+        make_pipe("flux1").load_lokr(path, strict=True)
+
+
+def _original_state_dict(family: str, transformer) -> dict:
+    """The model's weights and biases under the family table's original names (identity where the
+    table is silent), a dict whose missing keys read as a dummy: what a single-file checkpoint holds."""
+    layout = ModelLayout.from_transformer(transformer, FAMILIES[family])
+
+    class Checkpoint(dict):
+        def pop(self, key, *default):
+            return super().pop(key) if key in self else torch.zeros(1)
+
+        def __getitem__(self, key):
+            return super().__getitem__(key) if key in self else torch.zeros(1)
+
+    from lohakr.loaders.names import _original_names
+
+    checkpoint = Checkpoint()
+    covered = set()
+    paths = [path + "." for path, _ in patchable_layers(transformer)]
+    for original, _ in _original_names(FAMILIES[family], paths):
+        parts = layout.resolve_parts(original)
+        if parts is None:
+            continue
+        for what in ("weight", "bias"):
+            tensors = [getattr(part.target.layer, what) for part in parts]
+            if any(t is None for t in tensors):
+                continue
+            checkpoint[f"{original}.{what}"] = torch.cat([t.detach()[slice(*(p.rows or (0, p.height)))]
+                                                          for t, p in zip(tensors, parts, strict=True)])
+        covered |= {part.target.path for part in parts}
+    for path, layer in patchable_layers(transformer):
+        if path not in covered:
+            for what in ("weight", "bias"):
+                if getattr(layer, what, None) is not None:
+                    checkpoint[f"{path}.{what}"] = getattr(layer, what).detach()
+    return checkpoint
+
+
+@pytest.mark.parametrize("family, converter", [
+    ("flux2", "convert_flux2_transformer_checkpoint_to_diffusers"),
+    ("sd3", "convert_sd3_transformer_checkpoint_to_diffusers"),
+    ("zimage", "convert_z_image_transformer_checkpoint_to_diffusers"),
+])
+def test_family_tables_agree_with_diffusers_single_file_converters(family, converter):
+    """The original names of our tables, fed to diffusers' own single-file converter, give back
+    every Linear weight and bias of the diffusers model (fused layers split, halves swapped)."""
+    from diffusers.loaders import single_file_utils
+
+    transformer = tiny_models.make_transformer(family)
+    converted = getattr(single_file_utils, converter)(_original_state_dict(family, transformer))
+    checked = 0
+    for path, layer in patchable_layers(transformer):
+        for what in ("weight", "bias"):
+            value = getattr(layer, what, None)
+            if value is not None:
+                assert torch.equal(converted[f"{path}.{what}"], value.detach()), f"{path}.{what}"
+                checked += 1
+    assert checked >= 30
+
+
+@pytest.mark.parametrize("family, blocks", [
+    ("flux1", ["TE1", "DOUBLE00", "DOUBLE01", "SINGLE00", "SINGLE01", "OTHER"]),
+    ("flux2", ["DOUBLE00", "DOUBLE01", "SINGLE00", "SINGLE01", "OTHER"]),
+    ("sd3", ["JOINT00", "JOINT01", "OTHER"]),
+    ("zimage", ["LAYER00", "LAYER01", "NREF00", "CREF00", "OTHER"]),
+    ("qwenimage", ["LAYER00", "LAYER01", "OTHER"]),
+])
+def test_blocks_of_each_family(family, blocks):
+    assert pipeline_layout(make_pipe(family, with_text_encoder=family == "flux1")).blocks == blocks
+
+
+def test_block_weights_on_a_transformer(tmp_path):
+    pipe = make_pipe("flux1")
+    net = lycoris_on(tiny_models.make_transformer("flux1"), "lokr")
+    path = save_lycoris(net, tmp_path / "blocks.safetensors")
+    _, before = weights(pipe)
+    pipe.load_lokr(path, block_weights="DOUBLE=0, SINGLE01=0")
+    layout, after = weights(pipe)
+    changed = {layout.targets[k].block for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"SINGLE00", "OTHER"}
+
+
+def test_a_flux_file_is_refused_on_sd3_and_on_sdxl(tmp_path):
+    net = lycoris_on(tiny_models.make_transformer("flux1"), "lokr")
+    path = save_lycoris(net, tmp_path / "flux.safetensors", lambda n: n,
+                        {"modelspec.architecture": "flux-1-dev/lora"})
+    sd3 = make_pipe("sd3")
+    _, before = weights(sd3)
+    with pytest.raises(BaseModelMismatchError, match=r"Flux\.1.*SD3"):
+        sd3.load_lokr(path)
+    assert all(torch.equal(before[k], v) for k, v in weights(sd3)[1].items())
+    sdxl = lohakr.enable(tiny_models.make_sdxl_pipeline(tmp_path / "tok"))
+    with pytest.raises(BaseModelMismatchError, match=r"Flux\.1.*SDXL"):
+        sdxl.load_lokr(path)
+
+
+def test_kohya_flux_file_with_clip_text_encoder(tmp_path):
+    """sd-scripts Flux.1 files: ``lora_unet_<BFL>`` plus ``lora_te1_`` for CLIP-L (not SDXL evidence)."""
+    pipe = make_pipe("flux1", with_text_encoder=True)
+    clip = lycoris_on(tiny_models.make_clip_text_model(), "loha")
+    tree, parts_of = original_model("flux1", tiny_models.make_transformer("flux1"))
+    net = lycoris_on(tree, "loha")
+    a = save_lycoris(clip, tmp_path / "te.safetensors", lambda n: n.replace("lycoris_", "lora_te1_"))
+    b = save_lycoris(net, tmp_path / "unet.safetensors", lambda n: n.replace("lycoris_", "lora_unet_"))
+    from safetensors.torch import load_file, save_file
+
+    both = tmp_path / "kohya_flux.safetensors"
+    save_file({**load_file(a), **load_file(b)}, str(both), {"ss_base_model_version": "flux1"})
+    report = pipe.load_loha(both, text_encoder_strength=0.5)
+    assert report.complete, report.format()
+    assert {o.block for o in report.applied} >= {"TE1", "DOUBLE00", "SINGLE01", "OTHER"}
+
+
+def test_unknown_transformer_is_named():
+    class Other(torch.nn.Module):
+        pass
+
+    pipe = type("Pipe", (), {})()
+    pipe.transformer = Other()
+    with pytest.raises(LohakrError, match="Other.*Flux.1"):
+        pipeline_layout(pipe)
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3", "qwenimage"])
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_peft_folders_patch_what_peft_merges(tmp_path, family, kind):
+    """PEFT ``save_pretrained`` folders (``base_model.model.<path>`` + adapter_config.json)."""
+    import copy
+
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    pipe = make_pipe(family)
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=4, alpha=8, target_modules=[
+        "to_q", "to_k", "to_v", "add_q_proj", "to_out.0", "proj_mlp", "linear"])
+    model = get_peft_model(copy.deepcopy(pipe.transformer), config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".hada_" in name or ".lokr_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    model.save_pretrained(tmp_path / "peft")
+    merged = model.merge_and_unload().state_dict()
+    report = pipe.load_lycoris(tmp_path / "peft")
+    assert report.complete and report.applied, report.format()
+    got = pipe.transformer.state_dict()
+    changed = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert len(changed) == len(report.applied)
+    for key in changed:
+        assert_patched(got[key], base[key], merged[key] - base[key], key)
