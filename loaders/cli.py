@@ -11,13 +11,16 @@ from .adapter import load_adapter
 from .describe import describe_adapter, describe_coverage, format_coverage, format_description
 from .errors import LohakrError
 
+# the full-size layouts ``info`` checks coverage against (reference_models.FAMILIES, without importing it)
+REFERENCE_FAMILIES = ("sdxl", "sd1", "flux1", "flux2", "sd3", "zimage", "qwenimage")
+
 
 def _info(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.file, header_only=True)  # no torch: a description in well under a second
     description = describe_adapter(adapter, top_tags=args.tags)
     family = args.model
     if family == "auto":
-        family = adapter.base_model if adapter.base_model in ("sdxl", "sd1") else None
+        family = adapter.base_model if adapter.base_model in REFERENCE_FAMILIES else None
     coverage = None
     if family and family != "none":
         from .reference_models import reference_layout
@@ -34,7 +37,7 @@ def _info(args: argparse.Namespace) -> int:
         print()
         print(format_coverage(coverage, with_warnings=False))
     elif args.model == "auto":
-        print("\n(base model unknown: pass --model sdxl or --model sd1 to see the coverage)")
+        print(f"\n(base model unknown: pass --model with one of {', '.join(REFERENCE_FAMILIES)} to see the coverage)")
     return 0
 
 
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what an adapter file is and how it covers SDXL / SD1.5")
     info.add_argument("file", help="a .safetensors LoHa/LoKr/LyCORIS file")
-    info.add_argument("--model", choices=["auto", "sdxl", "sd1", "none"], default="auto",
+    info.add_argument("--model", choices=["auto", *REFERENCE_FAMILIES, "none"], default="auto",
                       help="layout to check coverage against (default: the detected base model)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.add_argument("--tags", type=int, default=10, help="how many top trigger tags to show")

@@ -49,10 +49,12 @@ class TransformerFamily:
     # module names only this family's files have (base-model evidence)
     name_patterns: tuple[str, ...] = ()
 
-    def block_of(self, path: str) -> str:
-        """``DOUBLE03`` for a layer in a numbered block, ``OTHER`` for embedders and heads."""
+    def block_of(self, path: str, original: bool = False) -> str:
+        """``DOUBLE03`` for a layer in a numbered block, ``OTHER`` for embedders and heads; ``path``
+        is a diffusers path, or with ``original`` the original one."""
         for scope in self.scopes:
-            match = re.match(rf"{re.escape(scope.diffusers)}\.(\d+)\.", path)
+            prefix = (scope.original or scope.diffusers) if original else scope.diffusers
+            match = re.match(rf"{re.escape(prefix)}\.(\d+)\.", path)
             if match:
                 return f"{scope.block}{int(match.group(1)):02d}"
         return "OTHER"

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .families import SWAPPED_IF_TWO_HALVES, Original, TransformerFamily
+from .families import FAMILIES, SWAPPED_IF_TWO_HALVES, Original, TransformerFamily
 from .lazy import lazy_module
 
 nn = lazy_module("torch.nn")
@@ -111,7 +111,8 @@ class ModelLayout:
     def register(self, target: LayerTarget, names: list[str]) -> None:
         self.targets[target.key] = target
         for name in names:
-            self.aliases.setdefault(name, target.key)
+            if name not in self.composites:
+                self.aliases.setdefault(name, target.key)
 
     def register_composite(self, parts: list[tuple[str, tuple[int, int] | None]], names: list[str]) -> None:
         for name in names:
@@ -129,18 +130,41 @@ class ModelLayout:
             layout.components[component] = model
             block = "TE" if len(family.text_encoders) == 1 else f"TE{number}"
             for path, layer in patchable_layers(model):
-                target = LayerTarget(component, path, tuple(layer.weight.shape), block, layer)
-                layout.register(target, _text_encoder_names(component, path, family.text_encoders[component]))
+                layout.targets[f"{component}.{path}"] = LayerTarget(component, path, tuple(layer.weight.shape), block,
+                                                                     layer)
         layout.components["transformer"] = transformer
-        layers = list(patchable_layers(transformer))
-        for path, layer in layers:
-            target = LayerTarget("transformer", path, tuple(layer.weight.shape), family.block_of(path), layer)
-            layout.register(target, _transformer_names(path))
-        for original, spec in _original_names(family, [path for path, _ in layers]):
-            _register_original(layout, original, spec)
-        for path, _ in layers:  # diffusers paths under the original-name prefixes, last
-            layout.register(layout.targets[f"transformer.{path}"],
-                            [f"diffusion_model.{path}", f"lora_unet_{_underscored(path)}"])
+        for path, layer in patchable_layers(transformer):
+            layout.targets[f"transformer.{path}"] = LayerTarget("transformer", path, tuple(layer.weight.shape),
+                                                                family.block_of(path), layer)
+        _register_transformer_names(layout, family)
+        return layout
+
+    @classmethod
+    def from_original(cls, family: TransformerFamily, layers: Mapping[str, tuple[tuple[int, ...], str]],
+                      text_encoders: Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]] | None = None
+                      ) -> ModelLayout:
+        """The layout of a transformer as hosts with the original layer names have it (ComfyUI's
+        ``diffusion_model.double_blocks…``): ``{original path: (weight shape, host key)}``, text
+        encoders as ``{component: {path: (shape, host key)}}``. diffusers names of layers the original
+        fuses resolve to rows of the fused layer: of ``n`` fused layers, each but the last has as many
+        rows as the layer has inputs (q, k, v), the last the rest (Flux.1's MLP in ``linear1``)."""
+        layout = cls(family=family.id, targets={})
+        for number, (component, encoder_layers) in enumerate((text_encoders or {}).items(), start=1):
+            block = "TE" if len(family.text_encoders) == 1 else f"TE{number}"
+            prefixes = family.text_encoders.get(component, ())
+            for path, (shape, host_key) in encoder_layers.items():
+                target = LayerTarget(component, path, tuple(shape), block, host_key=host_key)
+                layout.register(target, _text_encoder_names(component, path, prefixes))
+        for path, (shape, host_key) in layers.items():
+            target = LayerTarget("transformer", path, tuple(shape), family.block_of(path, original=True),
+                                 host_key=host_key)
+            layout.register(target, _original_layer_names(path))
+        for original, spec in _original_names(family, [path + "." for path in layers], original_side=True):
+            target = layout.targets.get(f"transformer.{original}")
+            if target is not None:
+                _register_diffusers_names(layout, target, spec)
+        for path in layers:  # layers both schemes name alike (most of Z-Image and Qwen-Image)
+            layout.register(layout.targets[f"transformer.{path}"], _transformer_names(path))
         present = {t.block for t in layout.targets.values()}
         layout.blocks = sorted(present | {"OTHER"}, key=_transformer_block_order(family))
         return layout
@@ -219,6 +243,12 @@ class ModelLayout:
         """A layout from ``to_table``'s data: the same names resolve to the same shapes and blocks,
         without building a model (``python -m lohakr info`` uses the tables of the reference models)."""
         layout = cls(family=table["family"], targets={}, blocks=list(table["blocks"]))
+        family = FAMILIES.get(layout.family)
+        if family is not None:  # a transformer: its names follow from the shapes and the family table
+            for component, path, shape, block, _ in table["layers"]:
+                layout.targets[f"{component}.{path}"] = LayerTarget(component, path, tuple(shape), block)
+            _register_transformer_names(layout, family)
+            return layout
         components = {row[0] for row in table["layers"]}
         te_style = "sdxl" if "text_encoder_2" in components else "sd"
         for component, path, shape, block, sgm_path in table["layers"]:
@@ -251,6 +281,28 @@ def _underscored(path: str) -> str:
     return path.replace(".", "_")
 
 
+def _register_transformer_names(layout: ModelLayout, family: TransformerFamily) -> None:
+    """Every name of a transformer layout's targets (diffusers paths): its text encoders' prefixed
+    names, the diffusers styles, the original names of the family's table (fused layers as
+    composites), then diffusers paths under the original prefixes; and its blocks."""
+    targets = list(layout.targets.values())
+    for target in targets:
+        if target.component != "transformer":
+            prefixes = family.text_encoders.get(target.component, ())
+            layout.register(target, _text_encoder_names(target.component, target.path, prefixes))
+    paths = [t.path for t in targets if t.component == "transformer"]
+    for target in targets:
+        if target.component == "transformer":
+            layout.register(target, _transformer_names(target.path))
+    for original, spec in _original_names(family, [path + "." for path in paths]):
+        _register_original(layout, original, spec)
+    for path in paths:
+        layout.register(layout.targets[f"transformer.{path}"], [f"diffusion_model.{path}",
+                                                                f"lora_unet_{_underscored(path)}"])
+    present = {t.block for t in targets}
+    layout.blocks = sorted(present | {"OTHER"}, key=_transformer_block_order(family))
+
+
 def _transformer_names(path: str) -> list[str]:
     """diffusers/PEFT dotted (bare, ``transformer.``, ``base_model.model.``), LyCORIS/SimpleTuner
     ``lycoris_`` and OneTrainer ``lora_transformer_`` names of a transformer layer."""
@@ -265,11 +317,13 @@ def _original_layer_names(path: str) -> list[str]:
             f"base_model.model.{path}", f"lycoris_{_underscored(path)}"]
 
 
-def _original_names(family: TransformerFamily, paths: list[str]) -> Iterator[tuple[str, Original]]:
+def _original_names(family: TransformerFamily, paths: list[str],
+                    original_side: bool = False) -> Iterator[tuple[str, Original]]:
     """``(original path, diffusers spec)`` for every original layer name of the family's tables,
-    for the blocks the model has."""
+    for the blocks the model has (``paths``: diffusers paths, or original ones)."""
     for scope in family.scopes:
-        numbered = re.compile(rf"{re.escape(scope.diffusers)}\.(\d+)\.")
+        prefix = (scope.original or scope.diffusers) if original_side else scope.diffusers
+        numbered = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
         indices = sorted({int(m.group(1)) for p in paths if (m := numbered.match(p))})
         for i in indices:
             inside = f"{scope.diffusers}.{i}."
@@ -310,6 +364,31 @@ def _register_original(layout: ModelLayout, original: str, spec: Original) -> No
     keys = [f"transformer.{path}" for path in spec]
     if all(key in targets for key in keys):
         layout.register_composite([(key, None) for key in keys], names)
+
+
+def _register_diffusers_names(layout: ModelLayout, target: LayerTarget, spec: Original) -> None:
+    """The diffusers names of an original layer ``target``: aliases of it, or rows of it where the
+    original fuses several diffusers layers or orders its halves otherwise."""
+    rows, width = target.weight_shape[0], math.prod(target.weight_shape[1:])
+    if isinstance(spec, str):
+        layout.register(target, _transformer_names(spec))
+        return
+    if isinstance(spec, tuple):
+        path, how = spec
+        if how == SWAPPED_IF_TWO_HALVES and rows != 2 * width:
+            layout.register(target, _transformer_names(path))
+            return
+        half = rows // 2
+        layout.register_composite([(target.key, (half, rows)), (target.key, (0, half))], _transformer_names(path))
+        return
+    last = rows - width * (len(spec) - 1)
+    if last <= 0:
+        return
+    start = 0
+    for n, path in enumerate(spec):
+        height = last if n == len(spec) - 1 else width
+        layout.register_composite([(target.key, (start, start + height))], _transformer_names(path))
+        start += height
 
 
 def _transformer_block_order(family: TransformerFamily):

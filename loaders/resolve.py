@@ -54,7 +54,8 @@ def resolve(
     matches: list[Match] = []
     patched_by: dict[str, str] = {}  # layer → the module that patches it
     for name, module in adapter.modules.items():
-        outcome, module_matches = _classify(name, module, layout, fallback, fallback_name, patched_by)
+        outcome, module_matches = _classify(name, module, layout, fallback, fallback_name, patched_by,
+                                            adapter.header_only)
         report.outcomes.append(outcome)
         matches.extend(module_matches)
     for name, reason in adapter.skipped.items():
@@ -73,7 +74,7 @@ def resolve(
 
 def _classify(name: str, module: LayerUpdate, layout: ModelLayout,
               fallback: Callable[[str], LayerTarget | None] | None, fallback_name: str,
-              patched_by: dict[str, str]) -> tuple[ModuleOutcome, list[Match]]:
+              patched_by: dict[str, str], shapes_only: bool = False) -> tuple[ModuleOutcome, list[Match]]:
     """One module's outcome, and its matches when it applies (``patched_by``: layers taken so far).
     A module for a fused layer the model splits has one match per part
     (docs/names-and-blocks.md#fused-and-split-layers)."""
@@ -101,7 +102,7 @@ def _classify(name: str, module: LayerUpdate, layout: ModelLayout,
                       "(the file names it in two styles)")
             return ModuleOutcome(name, "duplicate", first_target.block, module.kind, where, reason, resolver), []
     try:
-        matches = _part_matches(module, parts)
+        matches = _part_matches(module, parts, shapes_only)
     except AdapterShapeError as err:
         return ModuleOutcome(name, "unsupported", first_target.block, module.kind, where, str(err), resolver), []
     return ModuleOutcome(name, "applied", first_target.block, module.kind, where, resolver=resolver), matches
@@ -112,10 +113,16 @@ def _part_key(part: LayerPart, host: bool = False) -> str:
     return key if part.rows is None else f"{key}[{part.rows[0]}:{part.rows[1]}]"
 
 
-def _part_matches(module: LayerUpdate, parts: list[LayerPart]) -> list[Match]:
-    """The module's rows, part by part, as updates of each part's layer (sliced factors, no product)."""
+def _part_matches(module: LayerUpdate, parts: list[LayerPart], shapes_only: bool = False) -> list[Match]:
+    """The module's rows, part by part, as updates of each part's layer (sliced factors, no product).
+    ``shapes_only`` (a file read for its header): only whether it can be split; no matches."""
     if len(parts) == 1 and parts[0].rows is None:
         return [Match(module, parts[0].target)]
+    if shapes_only:
+        problem = module.why_not_splittable()
+        if problem:
+            raise AdapterShapeError(problem)
+        return []
     matches, row = [], 0
     for part in parts:
         target, start = part.target, (part.rows[0] if part.rows else 0)

@@ -283,21 +283,28 @@ class LayerUpdate:
                                     f"{self.out_features} output rows")
         if start == 0 and stop == self.out_features:
             return [(0, self)]
+        problem = self.why_not_splittable()
+        if problem:
+            raise AdapterShapeError(problem)
         return [(0, self._sliced(self._sliced_factors(start, stop), start, stop))]
 
     def _sliced_factors(self, start: int, stop: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def why_not_splittable(self) -> str | None:
+        """Why this update's rows cannot go to separate layers (an input-axis DoRA); ``None`` if they can."""
+        if self.dora_scale is not None and self.dora_axis(self.weight_shape) != "out":
+            return (f"{where(self.source, self.name)}its DoRA normalises over the input axis, across all "
+                    f"{self.out_features} output rows of the fused layer, so it cannot be split into separate "
+                    "layers exactly")
+        return None
+
     def _sliced(self, factors: dict[str, Tensor], start: int, stop: int) -> LayerUpdate:
         """This update with ``factors`` and the matching rows of its DoRA magnitude."""
-        magnitude = self.dora_scale
-        if magnitude is not None:
-            if self.dora_axis(self.weight_shape) != "out":
-                raise AdapterShapeError(
-                    f"{where(self.source, self.name)}its DoRA normalises over the input axis, across all "
-                    f"{self.out_features} output rows, so it cannot be split into rows {start}:{stop} of "
-                    "separate layers")
-            magnitude = magnitude[start:stop]
+        problem = self.why_not_splittable()
+        if problem:
+            raise AdapterShapeError(problem)
+        magnitude = None if self.dora_scale is None else self.dora_scale[start:stop]
         return replace(self, factors=factors, dora_scale=magnitude)
 
     # -- conveniences (one implementation each, through apply.py) ------------------------------
@@ -537,6 +544,9 @@ class LokrUpdate(LayerUpdate):
         rows of w1 with all of w2, a cut block is one row of w1 with rows of w2."""
         if not 0 <= start < stop <= self.out_features or (start, stop) == (0, self.out_features):
             return super().row_pieces(start, stop)
+        problem = self.why_not_splittable()
+        if problem:
+            raise AdapterShapeError(problem)
         p = self.w2_shape[0]
         spans = []  # (w1 rows, w2 rows) of each piece, in row order
         row = start

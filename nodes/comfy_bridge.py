@@ -22,6 +22,7 @@ from ..loaders import apply
 from ..loaders.adapter import adapter_cache
 from ..loaders.blocks import BlockWeights
 from ..loaders.errors import LohakrError, NonFiniteUpdateError
+from ..loaders.families import FAMILIES
 from ..loaders.guard import check_layer, check_strength, provably_finite
 from ..loaders.names import LayerTarget, ModelLayout, guess_block
 from ..loaders.plan import LoadPlan, composed_strength, log_report, plan_load
@@ -31,8 +32,16 @@ from ..loaders.updates import LayerUpdate
 logger = logging.getLogger("lohakr")
 
 FAMILY_OF_CONFIG = {"SDXL": "sdxl", "SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
-                    "SDXLRefiner": "unknown"}
+                    "SDXLRefiner": "unknown", "Flux": "flux1", "FluxSchnell": "flux1", "FluxInpaint": "flux1",
+                    "Flux2": "flux2", "SD3": "sd3", "SD35": "sd3", "ZImage": "zimage", "QwenImage": "qwenimage"}
 CLIP_COMPONENTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+# ComfyUI's text-encoder heads per transformer family → our components (docs/names-and-blocks.md#names);
+# a family's language-model encoder is whichever head it has.
+TRANSFORMER_TEXT_ENCODERS = {
+    "flux1": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
+    "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
+}
+MODEL_COMPONENTS = ("unet", "transformer")
 
 
 @dataclass
@@ -53,12 +62,16 @@ def model_family(model: Any) -> str:
 
 
 def comfy_layout(model: Any | None, clip: Any | None) -> ModelLayout:
-    """The layout of a ComfyUI MODEL (``diffusion_model.*``) and CLIP (``clip_l.*``/``clip_g.*``)."""
+    """The layout of a ComfyUI MODEL (``diffusion_model.*``) and CLIP (``clip_l.*``/``clip_g.*``…): a
+    UNet's from its SGM paths, a transformer's from its original paths and its family's table."""
     unet: dict[str, tuple[tuple[int, ...], str]] = {}
     if model is not None:
         for key, tensor in model.model.state_dict().items():
             if key.startswith("diffusion_model.") and key.endswith(".weight") and tensor.dim() >= 2:
                 unet[key[len("diffusion_model."):-len(".weight")]] = (tuple(tensor.shape), key)
+        family = FAMILIES.get(model_family(model))
+        if family is not None:
+            return ModelLayout.from_original(family, unet, _transformer_text_encoders(family.id, clip))
     text_encoders: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
     if clip is not None:
         for key, tensor in clip.cond_stage_model.state_dict().items():
@@ -71,6 +84,21 @@ def comfy_layout(model: Any | None, clip: Any | None) -> ModelLayout:
             text_encoders = {"text_encoder": text_encoders["text_encoder_2"]}
     family = model_family(model) if model is not None else ("sdxl" if "text_encoder_2" in text_encoders else "unknown")
     return ModelLayout.from_sgm(family, unet or None, text_encoders)
+
+
+def _transformer_text_encoders(family: str, clip: Any | None) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """A transformer family's text-encoder layers by our component: ``{component: {path: (shape, key)}}``."""
+    if clip is None:
+        return {}
+    heads = TRANSFORMER_TEXT_ENCODERS.get(family)
+    layers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    for key, tensor in clip.cond_stage_model.state_dict().items():
+        head, _, rest = key.partition(".transformer.")
+        component = heads.get(head) if heads is not None else "text_encoder"
+        if component is None or not rest.endswith(".weight") or tensor.dim() < 2 or "embed" in rest:
+            continue
+        layers.setdefault(component, {})[rest[: -len(".weight")]] = (tuple(tensor.shape), key)
+    return layers
 
 
 def comfy_fallback(model: Any | None, clip: Any | None, layout: ModelLayout):
@@ -92,12 +120,12 @@ def comfy_fallback(model: Any | None, clip: Any | None, layout: ModelLayout):
             return None
         shape, part = shapes[host_key]
         if part == "unet":
-            component = "unet"
+            component = "transformer" if layout.family in FAMILIES else "unet"
         else:
             component = "text_encoder_2" if host_key.startswith("clip_g.") else "text_encoder"
         block = guess_block(name)
         if block == "?":
-            block = "OTHER" if component == "unet" else ("TE2" if component == "text_encoder_2" else
+            block = "OTHER" if component in MODEL_COMPONENTS else ("TE2" if component == "text_encoder_2" else
                                                          ("TE1" if "TE1" in layout.blocks else "TE"))
         return LayerTarget(component, host_key, shape, block, host_key=host_key)
 
@@ -120,12 +148,21 @@ def weight_adapter_class() -> type | None:
 
         def __init__(self, module: LayerUpdate, weight_shape: tuple[int, ...], bias: bool = False,
                      weight_dtype: torch.dtype = torch.float16):
-            self.module = module
+            self.modules = [module]  # a file's modules for this weight: several for rows of a fused layer
             self.weight_shape = tuple(weight_shape)
             self.weight_dtype = weight_dtype  # the model weight's dtype, where the result ends
             self.bias = bias
             self.loaded_keys: set[str] = set()
             self.weights: list[torch.Tensor] = list(module.tensors().values())
+
+        @property
+        def module(self) -> LayerUpdate:
+            return self.modules[0]
+
+        def add(self, module: LayerUpdate) -> None:
+            """Another module of the same file on this weight (rows of a fused layer)."""
+            self.modules.append(module)
+            self.weights += list(module.tensors().values())
 
         @classmethod
         def load(cls, *args, **kwargs):  # we never go through comfy.lora.load_lora
@@ -133,29 +170,28 @@ def weight_adapter_class() -> type | None:
 
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weight=None):
+            if offset is not None or not _is_identity(function):
+                # lohakr adds whole-weight patches only: rows of a fused layer are PlacedUpdates
+                # (docs/names-and-blocks.md#fused-and-split-layers), so ComfyUI never passes these
+                raise LohakrError(f"{self.module.source}: module {self.module.name}: {key} was patched with an "
+                                  "offset or function, which lohakr never registers")
+            contributions = [(module, strength) for module in self.modules]
             with torch.no_grad():  # ComfyUI may patch with grad enabled: patching never depends on it
-                result = self._patched(weight, strength, offset, function)
-            if not self.bias and not provably_finite([(self.module, strength)], self.weight_dtype) and not bool(
+                result = self._patched(weight, contributions)
+            if not self.bias and not provably_finite(contributions, self.weight_dtype) and not bool(
                     torch.isfinite(result.to(self.weight_dtype)).all()):
                 raise NonFiniteUpdateError(f"{self.module.source}: module {self.module.name}: patching {key} at "
                                            f"strength {strength:g} would write NaN/inf; the weight was left as it was")
             return result
 
-        def _patched(self, weight, strength, offset, function):
+        def _patched(self, weight, contributions):
             if self.bias:
-                delta = self.module.bias_delta(weight.device)
+                delta = apply.patched_bias(torch.zeros(weight.shape[0], device=weight.device), contributions)
                 if delta is not None:
-                    weight += function((strength * delta).to(weight.dtype))
-                return weight
-            plain = offset is None and _is_identity(function)
-            if not plain:  # offset/function patch keys: apply the plain ΔW, as ComfyUI's own adapters do
-                delta = self.module.delta(self.weight_shape, weight.device)
-                if offset is not None:
-                    delta = delta.narrow(*offset)
-                weight += function((strength * delta).to(weight.dtype))
+                    weight += delta.to(weight.dtype)
                 return weight
             work = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
-            apply.add_to(work, self.module, strength)
+            apply.patch(work, work, contributions)
             if work is not weight:
                 weight.copy_(work)
             return weight
@@ -212,8 +248,8 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
         planned.append((item, plan))
 
     host_weights = _host_weights(model if use_model else None, clip if use_clip else None)
-    sides = {"unet"} if use_model else set()
-    sides |= {"text_encoder", "text_encoder_2"} if use_clip else set()
+    sides = set(MODEL_COMPONENTS) if use_model else set()
+    sides |= {"text_encoder", "text_encoder_2", "text_encoder_3"} if use_clip else set()
     on_weight: dict[str, list[tuple[LayerUpdate, float]]] = {}  # every module and strength on a host weight
     groups_per_item = [_patch_groups(item, plan, sides, host_weights, on_weight) for item, plan in planned]
     _check_finite(host_weights, on_weight)
@@ -239,8 +275,9 @@ def _patch_groups(item: StackItem, plan: LoadPlan, sides: set[str], host_weights
     """One stack item's patch values, grouped by (CLIP side, strength) as ``add_patches`` takes them;
     each module and its strength is also recorded per host weight in ``on_weight``. ``sides``: the
     components patched at all (a side at strength 0 everywhere is left out)."""
-    component_strengths = {"unet": item.strength_model, "text_encoder": item.strength_clip,
-                           "text_encoder_2": item.strength_clip}
+    component_strengths = {"unet": item.strength_model, "transformer": item.strength_model,
+                           "text_encoder": item.strength_clip, "text_encoder_2": item.strength_clip,
+                           "text_encoder_3": item.strength_clip}
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for match in plan.matches:
         if match.target.component not in sides:
@@ -250,12 +287,26 @@ def _patch_groups(item: StackItem, plan: LoadPlan, sides: set[str], host_weights
             continue
         host_key = match.target.host_key
         on_weight.setdefault(host_key, []).append((match.module, strength))
-        patches = groups.setdefault((match.target.component != "unet", strength), {})
+        patches = groups.setdefault((match.target.component not in MODEL_COMPONENTS, strength), {})
         dtype = host_weights[host_key].dtype
-        patches[host_key] = _patch_value(match.module, match.target, dtype)
-        if match.module.has_bias_delta:
-            patches[host_key[: -len("weight")] + "bias"] = _patch_value(match.module, match.target, dtype, bias=True)
+        keys = [host_key] + ([host_key[: -len("weight")] + "bias"] if match.module.has_bias_delta else [])
+        for key, bias in zip(keys, (False, True), strict=False):
+            if key in patches:  # rows of a fused layer, from several modules of the file: one patch
+                _add_to_patch(patches, key, match.module, match.target, dtype, bias)
+            else:
+                patches[key] = _patch_value(match.module, match.target, dtype, bias)
     return groups
+
+
+def _add_to_patch(patches: dict[str, Any], key: str, module: LayerUpdate, target: LayerTarget,
+                  dtype: torch.dtype, bias: bool) -> None:
+    """Another module's contribution to the patch already made for ``key``."""
+    value = patches[key]
+    if isinstance(value, tuple):  # old ComfyUI: precomputed diffs add up
+        extra = _patch_value(module, target, dtype, bias)
+        patches[key] = ("diff", (value[1][0] + extra[1][0],))
+    else:
+        value.add(module)
 
 
 def _host_weights(model: Any | None, clip: Any | None) -> dict[str, torch.Tensor]:

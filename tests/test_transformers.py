@@ -319,3 +319,36 @@ def test_peft_folders_patch_what_peft_merges(tmp_path, family, kind):
     assert len(changed) == len(report.applied)
     for key in changed:
         assert_patched(got[key], base[key], merged[key] - base[key], key)
+
+
+def test_info_shows_a_full_size_flux_file_on_the_flux_layout(tmp_path, capsys):
+    """``lohakr info`` on a kohya Flux.1 LoKr with full-size shapes: detected as Flux.1, every module
+    (fused qkv and linear1, the swapped final modulation, CLIP-L) covers the reference layout."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lohakr.loaders.cli import main
+
+    g = torch.Generator().manual_seed(0)
+
+    def lokr(name, rows, cols, factor=16):
+        return {f"{name}.lokr_w1": torch.randn(factor, factor, generator=g),
+                f"{name}.lokr_w2_a": torch.randn(rows // factor, 4, generator=g),
+                f"{name}.lokr_w2_b": torch.randn(4, cols // factor, generator=g), f"{name}.alpha": torch.tensor(2.0)}
+
+    tensors = {**lokr("lora_unet_double_blocks_0_img_attn_qkv", 9216, 3072),
+               **lokr("lora_unet_single_blocks_37_linear1", 21504, 3072),
+               **lokr("lora_unet_final_layer_adaLN_modulation_1", 6144, 3072),
+               **lokr("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)}
+    path = tmp_path / "flux_full.safetensors"
+    save_file(tensors, str(path), {"ss_base_model_version": "flux1"})
+    assert main(["info", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["adapter"]["base_model"] == "flux1"
+    coverage = data["coverage"]
+    assert coverage["model_family"] == "flux1" and coverage["counts"] == {"applied": 4}
+    assert {o["block"] for o in coverage["outcomes"]} == {"DOUBLE00", "SINGLE37", "OTHER", "TE1"}
+    qkv = next(o for o in coverage["outcomes"] if o["module"].endswith("qkv"))
+    assert qkv["target"] == ("transformer.transformer_blocks.0.attn.to_q + transformer.transformer_blocks.0.attn.to_k"
+                             " + transformer.transformer_blocks.0.attn.to_v")
