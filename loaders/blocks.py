@@ -125,7 +125,7 @@ def _group(name: str, blocks: Sequence[str]) -> list[str]:
     groups["TRANSFORMER"] = groups["DIT"] = groups["MODEL"] = groups["UNET"]
     if upper in groups:
         return [b for b in groups[upper] if b in blocks]
-    numbered = [b for b in blocks if re.fullmatch(rf"{re.escape(upper)}\d+", b)]
+    numbered = [b for b in blocks if re.fullmatch(rf"{re.escape(upper)}\d+", b)] if upper.isalpha() else []
     if numbered:  # a transformer's kind of block: DOUBLE = DOUBLE00, DOUBLE01…
         return numbered
     m = re.fullmatch(r"([A-Z]+)(\d+)", upper)

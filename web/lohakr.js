@@ -282,8 +282,8 @@ function blockWeightEditor({ read, write, text = false, onChange = () => {} }) {
   const status = el("div", { className: "lohakr-status" });
   const preset = el("select", { title: "preset" }, el("option", { value: "", textContent: "preset…" }),
     ...core.PRESET_NAMES.map((p) => el("option", { value: p, textContent: p })));
-  const family = el("select", { title: "layout" }, el("option", { value: "sdxl", textContent: "SDXL" }),
-    el("option", { value: "sd1", textContent: "SD1.5" }));
+  const family = el("select", { title: "layout" }, ...Object.entries(core.FAMILY_NAMES).filter(([id]) => id !== "sd2")
+    .map(([id, name]) => el("option", { value: id, textContent: name })));
   const input = text ? el("input", { type: "text", className: "bw-text", placeholder: "e.g. IN04=0.5, OUT=0", title: "block weights" }) : null;
   const grid = el("div", { className: "bw-grid" });
   const tools = el("div", { className: "bw-tools" }, input, preset, family);
@@ -331,7 +331,7 @@ function blockWeightEditor({ read, write, text = false, onChange = () => {} }) {
   const api_ = {
     tools, grid, status, valid: true, refresh,
     setFamily(base) {
-      const next = base === "sd1" || base === "sd2" ? "sd1" : "sdxl";
+      const next = base === "sd2" ? "sd1" : (core.LAYOUTS[base] ? base : "sdxl");
       if (next !== state.family) { state.family = next; family.value = next; build(); refresh(); }
     },
   };

@@ -4,11 +4,19 @@
 
 const range = (prefix, n) => Array.from({ length: n }, (_, i) => `${prefix}${String(i).padStart(2, "0")}`);
 
+// The blocks of the full-size models (loaders/layouts/*.json; docs/names-and-blocks.md#transformer-blocks).
 export const LAYOUTS = {
   sdxl: ["TE1", "TE2", ...range("IN", 9), "M00", ...range("OUT", 9), "OTHER"],
   sd1: ["TE", ...range("IN", 12), "M00", ...range("OUT", 12), "OTHER"],
+  flux1: ["TE1", "TE2", ...range("DOUBLE", 19), ...range("SINGLE", 38), "OTHER"],
+  flux2: [...range("DOUBLE", 8), ...range("SINGLE", 48), "OTHER"],
+  sd3: ["TE1", "TE2", "TE3", ...range("JOINT", 38), "OTHER"],
+  zimage: [...range("LAYER", 30), ...range("NREF", 2), ...range("CREF", 2), "OTHER"],
+  qwenimage: [...range("LAYER", 60), "OTHER"],
 };
 LAYOUTS.sd2 = LAYOUTS.sd1;
+export const FAMILY_NAMES = { sdxl: "SDXL", sd1: "SD1.5", sd2: "SD2.x", flux1: "Flux.1", flux2: "Flux.2",
+  sd3: "SD3/SD3.5", zimage: "Z-Image", qwenimage: "Qwen-Image" };
 
 // A1111 lora-block-weight vectors (BLOCKID12/20/17/26): BASE = the text encoders.
 export const VECTORS = {
@@ -59,8 +67,11 @@ function group(name, blocks) {
     MID: ["M00"], M: ["M00"], M0: ["M00"], MIDDLE: ["M00"], TE: te, BASE: te, CLIP: te,
     UNET: blocks.filter((b) => !b.startsWith("TE")), OTHER: ["OTHER"],
   };
+  groups.TRANSFORMER = groups.DIT = groups.MODEL = groups.UNET;
   if (groups[upper]) return groups[upper].filter((b) => blocks.includes(b));
-  const m = /^(IN|OUT|M)(\d+)$/.exec(upper);
+  const kind = blocks.filter((b) => b.length > upper.length && b.startsWith(upper) && /^\d+$/.test(b.slice(upper.length)));
+  if (/^[A-Z]+$/.test(upper) && kind.length) return kind; // a transformer's kind of block: DOUBLE = DOUBLE00, DOUBLE01…
+  const m = /^([A-Z]+)(\d+)$/.exec(upper);
   if (m) {
     const block = `${m[1]}${String(Number(m[2])).padStart(2, "0")}`;
     if (blocks.includes(block)) return [block];
@@ -173,7 +184,7 @@ export function formatCard(info) {
 export function baseModelWarning(cardBaseModel, modelFamily) {
   if (!cardBaseModel || !modelFamily || cardBaseModel === "unknown" || modelFamily === "unknown") return null;
   if (cardBaseModel === modelFamily) return null;
-  const names = { sdxl: "SDXL", sd1: "SD1.5", sd2: "SD2.x" };
+  const names = FAMILY_NAMES;
   return `This adapter is for ${names[cardBaseModel] || cardBaseModel}; the connected model is ${names[modelFamily] || modelFamily}.`;
 }
 
@@ -229,11 +240,13 @@ export function moveRow(rows, index, delta) {
 }
 
 // ---- report strip groups -----------------------------------------------------------------------
-const GROUP_OF = [[/^TE\d*$/, "TE"], [/^IN\d+$/, "IN"], [/^M\d+$/, "M"], [/^OUT\d+$/, "OUT"], [/^OTHER$/, "OTHER"]];
+const KINDS = ["DOUBLE", "SINGLE", "JOINT", "LAYER", "NREF", "CREF"]; // transformer blocks
+const GROUP_OF = [[/^TE\d*$/, "TE"], [/^IN\d+$/, "IN"], [/^M\d+$/, "M"], [/^OUT\d+$/, "OUT"],
+  ...KINDS.map((kind) => [new RegExp(`^${kind}\\d+$`), kind]), [/^OTHER$/, "OTHER"]];
 
 /** The short label of a block inside its group: IN04 -> "4", TE1 -> "1", M00 -> "0"; "" when the group says it all. */
 export function shortBlock(block) {
-  const m = /^(TE|IN|OUT|M)(\d+)$/.exec(block);
+  const m = new RegExp(`^(TE|IN|OUT|M|${KINDS.join("|")})(\\d+)$`).exec(block);
   if (m) return String(Number(m[2]));
   return "";
 }
@@ -243,14 +256,15 @@ export function shortBlock(block) {
  * Returns [[{group, cells: [{...cell, label}]}...], [...]]; empty groups and empty lines are dropped.
  */
 export function stripLines(cells) {
-  const order = ["TE", "IN", "M", "OUT", "OTHER", "?"];
+  const order = ["TE", "IN", "M", "OUT", ...KINDS, "OTHER", "?"];
   const groups = new Map(order.map((g) => [g, []]));
   for (const cell of cells) {
     const group = (GROUP_OF.find(([re]) => re.test(cell.block)) || [null, "?"])[1];
     groups.get(group).push({ ...cell, label: group === "?" ? cell.block : shortBlock(cell.block) });
   }
   const make = (names) => names.filter((g) => groups.get(g).length).map((g) => ({ group: g, cells: groups.get(g) }));
-  return [make(["TE", "IN"]), make(["M", "OUT", "OTHER", "?"])].filter((line) => line.length);
+  return [make(["TE", "IN", "DOUBLE", "JOINT", "LAYER"]), make(["M", "OUT", "SINGLE", "NREF", "CREF", "OTHER", "?"])]
+    .filter((line) => line.length);
 }
 
 /** The text of a stack row's block-weights chip: "blocks" when unset, the spec (shortened) otherwise. */

@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   LAYOUTS, parseBlockWeights, formatBlockWeights, sameWeights, presets, formatCard, baseModelWarning,
-  reportStrip, notApplied, parseRows, formatRows, moveRow,
+  reportStrip, notApplied, parseRows, formatRows, moveRow, stripLines,
 } from "../../web/lohakr_core.js";
 
 test("12-value SDXL vector zeroes omitted blocks, keeps OTHER, lists them", () => {
@@ -151,4 +151,21 @@ test("report strip groups: two lines, short labels that fit", async () => {
   assert.equal(chipText(""), "blocks");
   assert.equal(chipText("IN04=0.5"), "IN04=0.5");
   assert.equal(chipText("OUTALL, IN08=0.5"), "OUTALL, I…");
+});
+
+test("transformer blocks: kinds as groups, their own strip lines and labels", () => {
+  const r = parseBlockWeights("DOUBLE=0.5, single3=0, TE=0", "flux1");
+  assert.equal(r.ok, true);
+  assert.equal(r.weights.DOUBLE18, 0.5);
+  assert.equal(r.weights.SINGLE03, 0);
+  assert.equal(r.weights.SINGLE04, 1);
+  assert.equal(r.weights.TE2, 0);
+  assert.equal(LAYOUTS.flux1.length, 2 + 19 + 38 + 1);
+  assert.match(parseBlockWeights("IN04=1", "flux1").error, /unknown block 'IN04'/);
+  const cells = reportStrip({ blocks: ["TE1", "DOUBLE00", "SINGLE00", "OTHER"],
+    by_block: { TE1: { applied: 1 }, DOUBLE00: { applied: 2 }, SINGLE00: { applied: 1, unmatched: 1 }, OTHER: { applied: 1 } } });
+  const lines = stripLines(cells);
+  assert.deepEqual(lines.map((line) => line.map((g) => g.group)), [["TE", "DOUBLE"], ["SINGLE", "OTHER"]]);
+  assert.equal(lines[0][1].cells[0].label, "0");
+  assert.match(baseModelWarning("flux1", "sd3"), /for Flux\.1; the connected model is SD3\/SD3\.5/);
 });
