@@ -30,7 +30,29 @@ COMFY_CONFIGS = {
     "qwenimage": ("QwenImage", {"image_model": "qwen_image", "patch_size": 2, "in_channels": 16, "out_channels": 4,
                                 "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
                                 "joint_attention_dim": 16, "axes_dims_rope": (4, 6, 6)}),
+    # MMDiT's width is 64 per block: 128 here; block 0 has SD3.5 Medium's second attention
+    "sd3": ("SD3", {"in_channels": 4, "out_channels": 4, "pos_embed_scaling_factor": None, "patch_size": 2,
+                    "depth": 2, "adm_in_channels": 64, "pos_embed_max_size": 32, "num_patches": 1024,
+                    "context_embedder_config": {"target": "torch.nn.Linear",
+                                                "params": {"in_features": 32, "out_features": 128}},
+                    "qk_norm": "rms", "x_block_self_attn_layers": [0], "input_size": None}),
 }
+# diffusers twins whose shapes differ from tiny_models.TRANSFORMER_CONFIGS
+TWIN_CONFIGS = {"sd3": {"attention_head_dim": 64, "num_attention_heads": 2, "caption_projection_dim": 128}}
+
+
+def make_twin(family: str) -> torch.nn.Module:
+    """The diffusers transformer with the shapes of ``build_comfy(family)``, seeded, random weights."""
+    import diffusers
+
+    class_name, config = tiny_models.TRANSFORMER_CONFIGS[family]
+    torch.manual_seed(0)
+    model = getattr(diffusers, class_name)(**{**config, **TWIN_CONFIGS.get(family, {})}).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +73,9 @@ def build_comfy(family: str, seed: int = 0):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "model.", device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    with torch.no_grad():  # buffers too: SD3's pos_embed is left uninitialised
+        for tensor in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
     model.requires_grad_(False)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
@@ -61,7 +83,7 @@ def build_comfy(family: str, seed: int = 0):
 
 def diffusers_twin(family: str, comfy_state: dict[str, torch.Tensor]):
     """The diffusers transformer with the ComfyUI model's weights, copied through the family table."""
-    transformer = tiny_models.make_transformer(family)
+    transformer = make_twin(family)
     layout = ModelLayout.from_transformer(transformer, FAMILIES[family])
     copied = set()
     with torch.no_grad():
@@ -100,7 +122,7 @@ def assert_close(got, expected, what):
 
 def diffusers_named_file(loras, family: str, variant: str) -> str:
     """A LyCORIS file made on the diffusers model, as SimpleTuner writes it (``lycoris_<path>``)."""
-    net = lycoris_on(tiny_models.make_transformer(family), variant)
+    net = lycoris_on(make_twin(family), variant)
     save_lycoris(net, loras / f"{family}_{variant}_diffusers.safetensors")
     return f"{family}_{variant}_diffusers.safetensors"
 

@@ -10,7 +10,7 @@ from lycoris_oracle import lycoris_on, module_reference, save_lycoris
 from test_diffusers import assert_patched, max_rel
 
 import lohakr
-from lohakr import BaseModelMismatchError, LohakrError
+from lohakr import BaseModelMismatchError, LohakrError, load_adapter
 from lohakr.loaders import tiny_models
 from lohakr.loaders.diffusers_pipeline import pipeline_layout
 from lohakr.loaders.families import FAMILIES
@@ -265,21 +265,39 @@ def test_a_flux_file_is_refused_on_sd3_and_on_sdxl(tmp_path):
         sdxl.load_lokr(path)
 
 
-def test_kohya_flux_file_with_clip_text_encoder(tmp_path):
-    """sd-scripts Flux.1 files: ``lora_unet_<BFL>`` plus ``lora_te1_`` for CLIP-L (not SDXL evidence)."""
-    pipe = make_pipe("flux1", with_text_encoder=True)
-    clip = lycoris_on(tiny_models.make_clip_text_model(), "loha")
-    tree, parts_of = original_model("flux1", tiny_models.make_transformer("flux1"))
-    net = lycoris_on(tree, "loha")
-    a = save_lycoris(clip, tmp_path / "te.safetensors", lambda n: n.replace("lycoris_", "lora_te1_"))
-    b = save_lycoris(net, tmp_path / "unet.safetensors", lambda n: n.replace("lycoris_", "lora_unet_"))
+def tiny_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2,
+                                   feed_forward_proj="gated-gelu")).eval()
+
+
+@pytest.mark.parametrize("t5_prefix", ["lora_te3_", "lora_te2_"])
+def test_kohya_flux_file_with_both_text_encoders(tmp_path, t5_prefix):
+    """sd-scripts Flux.1 files: ``lora_unet_<BFL>``, ``lora_te1_`` for CLIP-L (not SDXL evidence) and
+    ``lora_te3_`` for T5 (OneTrainer: ``lora_te2_``)."""
     from safetensors.torch import load_file, save_file
 
+    pipe = make_pipe("flux1", with_text_encoder=True)
+    pipe.text_encoder_2 = tiny_t5()
+    clip = lycoris_on(tiny_models.make_clip_text_model(), "loha")
+    t5 = lycoris_on(tiny_t5(), "loha")
+    tree, _ = original_model("flux1", tiny_models.make_transformer("flux1"))
+    net = lycoris_on(tree, "loha")
+    files = [save_lycoris(clip, tmp_path / "te1.safetensors", lambda n: n.replace("lycoris_", "lora_te1_")),
+             save_lycoris(t5, tmp_path / "te2.safetensors", lambda n: n.replace("lycoris_", t5_prefix)),
+             save_lycoris(net, tmp_path / "unet.safetensors", lambda n: n.replace("lycoris_", "lora_unet_"))]
     both = tmp_path / "kohya_flux.safetensors"
-    save_file({**load_file(a), **load_file(b)}, str(both), {"ss_base_model_version": "flux1"})
+    save_file({k: v for f in files for k, v in load_file(f).items()}, str(both))
+    _, before = weights(pipe)
     report = pipe.load_loha(both, text_encoder_strength=0.5)
     assert report.complete, report.format()
-    assert {o.block for o in report.applied} >= {"TE1", "DOUBLE00", "SINGLE01", "OTHER"}
+    assert report.model_family == "flux1" and load_adapter(both).base_model == "flux1"
+    assert {o.block for o in report.applied} >= {"TE1", "TE2", "DOUBLE00", "SINGLE01", "OTHER"}
+    layout, after = weights(pipe)
+    t5_changed = [k for k in after if k.startswith("text_encoder_2.") and not torch.equal(before[k], after[k])]
+    assert len(t5_changed) == len(t5.loras)
 
 
 def test_unknown_transformer_is_named():
