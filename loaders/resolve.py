@@ -10,7 +10,7 @@ from .errors import AdapterShapeError, BaseModelMismatchError, StrictLoadError
 from .metadata import BASE_MODEL_NAMES
 from .names import LayerPart, LayerTarget, ModelLayout, guess_block
 from .report import LoadReport, ModuleOutcome
-from .updates import LayerUpdate, PlacedUpdate
+from .updates import LayerUpdate, PlacedUpdate, ReorderedUpdate
 
 
 @dataclass(eq=False)
@@ -118,6 +118,14 @@ def _part_matches(module: LayerUpdate, parts: list[LayerPart], shapes_only: bool
     ``shapes_only`` (a file read for its header): only whether it can be split; no matches."""
     if len(parts) == 1 and parts[0].rows is None:
         return [Match(module, parts[0].target)]
+    layer = parts[0].target
+    if all(part.target is layer and part.rows for part in parts) and sum(p.height for p in parts) == \
+            layer.weight_shape[0]:  # one layer, its rows in another order: no split, any DoRA
+        moves, row = [], 0
+        for part in parts:
+            moves.append((row, part.rows[0], part.height))
+            row += part.height
+        return [] if shapes_only else [Match(ReorderedUpdate.of(module, moves), layer)]
     if shapes_only:
         problem = module.why_not_splittable()
         if problem:

@@ -831,6 +831,68 @@ class PlacedUpdate(LayerUpdate):
         return out
 
 
+@dataclass(eq=False)
+class ReorderedUpdate(LayerUpdate):
+    """An update whose row blocks land on its layer in another order: rows ``src:src+n`` of ``inner``
+    go to rows ``dst:dst+n`` of the layer, for each ``(src, dst, n)`` in ``moves`` (together a
+    permutation). The final modulation's two halves, which the original and diffusers order
+    differently (docs/names-and-blocks.md#fused-and-split-layers). An input-axis DoRA is exact here:
+    its column norms do not depend on the order of the rows."""
+
+    inner: LayerUpdate | None = None
+    moves: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.kind = self.inner.kind  # type: ignore[misc]
+
+    @classmethod
+    def of(cls, inner: LayerUpdate, moves: list[tuple[int, int, int]]) -> ReorderedUpdate:
+        magnitude = inner.dora_scale
+        if magnitude is not None and inner.dora_axis(inner.weight_shape) == "out":
+            rows = magnitude.reshape(magnitude.shape[0], -1)
+            order = sorted(moves, key=lambda move: move[1])
+            magnitude = torch.cat([rows[src:src + n] for src, _, n in order]).reshape(magnitude.shape)
+        return cls(name=inner.name, factors=inner.factors, alpha=inner.alpha, dora_scale=magnitude,
+                   scalar=inner.scalar, source=inner.source, dora_prefer_output=inner.dora_prefer_output,
+                   inner=inner, moves=tuple(moves))
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.inner.weight_shape
+
+    def _factor_bound(self) -> float:
+        return self.inner.update_bound()
+
+    def rows(self, start: int, stop: int, device: Device = None, cache: FactorCache | None = None) -> Tensor:
+        out = torch.empty(stop - start, self.in_features, dtype=torch.float32, device=device)
+        for src, dst, n in self.moves:
+            lo, hi = max(start, dst), min(stop, dst + n)
+            if lo < hi:
+                out[lo - start:hi - start] = self.inner.rows(src + lo - dst, src + hi - dst, device, cache)
+        return out
+
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.inner.has_bias_delta
+
+    def bias_delta(self, device: Device = None) -> Tensor | None:
+        inner = self.inner.bias_delta(device)
+        if inner is None:
+            return None
+        out = torch.empty_like(inner)
+        for src, dst, n in self.moves:
+            out[dst:dst + n] = inner[src:src + n]
+        return out
+
+
 UPDATE_CLASSES: dict[str, type[LayerUpdate]] = {
     cls.kind: cls for cls in (LohaUpdate, LokrUpdate, LoraUpdate, DiffUpdate)
 }

@@ -163,10 +163,11 @@ def test_equals_comfyuis_native_loader(comfy, family, variant, naming):
         assert torch.equal(ours.model.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("variant", ["lokr_dora_out", "loha_dora_out"])
+@pytest.mark.parametrize("variant", ["lokr_dora_out", "loha_dora_out", "lokr_dora_in", "loha_dora_in"])
 def test_dora_on_rows_of_fused_layers_equals_the_diffusers_side(comfy, variant):
     """DoRA files in diffusers names on ComfyUI's fused Flux layers: each of to_q/to_k/to_v normalises
-    its own rows, as on diffusers' split layers; the two hosts give the same weights."""
+    as its own layer (per output row, or per input column over its own rows), as on diffusers' split
+    layers; the two hosts give the same weights."""
     import lohakr
     from lohakr.nodes.definitions import run_loader_model_only
 

@@ -165,8 +165,15 @@ def test_input_axis_dora_on_a_fused_layer_is_refused_with_the_reason(tmp_path):
     report = pipe.load_lokr(path)
     refused = report.of("unsupported")
     assert refused and all("input axis" in o.reason for o in refused), report.format()
-    composite = {"lora_unet_" + p.replace(".", "_") for p in parts_of if len(parts_of[p]) > 1 or parts_of[p][0].rows}
-    assert {o.module for o in refused} == composite
+    split = {"lora_unet_" + p.replace(".", "_") for p in parts_of  # over several layers: not the swapped halves
+             if len({part.target.key for part in parts_of[p]}) > 1}
+    assert {o.module for o in refused} == split
+    assert "lora_unet_final_layer_adaLN_modulation_1" in {o.module for o in report.applied}
+    # the swapped halves are one layer in another row order: its column norms, and so its DoRA, are LyCORIS'
+    ref = module_reference(net)["lycoris_final_layer_adaLN_modulation_1"]
+    got = pipe.transformer.norm_out.linear.weight.detach()
+    half = got.shape[0] // 2
+    assert max_rel(torch.cat([got[half:], got[:half]]), ref.patched, ref.patched) <= 1e-5
     with pytest.raises(LohakrError):
         make_pipe("flux1").load_lokr(path, strict=True)
 
@@ -370,3 +377,73 @@ def test_info_shows_a_full_size_flux_file_on_the_flux_layout(tmp_path, capsys):
     qkv = next(o for o in coverage["outcomes"] if o["module"].endswith("qkv"))
     assert qkv["target"] == ("transformer.transformer_blocks.0.attn.to_q + transformer.transformer_blocks.0.attn.to_k"
                              " + transformer.transformer_blocks.0.attn.to_v")
+
+
+@pytest.mark.parametrize("origin", ["memory", "mapped"])
+def test_strength_batch_and_unload_on_a_saved_flux_pipeline(tmp_path, origin):
+    """Every call on a stock pipeline: strength changes recompute from the kept factors, a batch is
+    one pass, unload is bit-exact; a pipeline read back with ``from_pretrained`` keeps its originals
+    in the mapped files (docs/architecture.md#originals-in-files)."""
+    import diffusers
+
+    pipe = make_pipe("flux1")
+    if origin == "mapped":
+        pipe.transformer.save_pretrained(tmp_path / "transformer")
+        transformer = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+        parts = {**{k: None for k in pipe.components}, "transformer": transformer}
+        pipe = lohakr.enable(diffusers.FluxPipeline(**parts))
+    _, before = weights(pipe)
+    tree, _ = original_model("flux1", tiny_models.make_transformer("flux1"))
+    kohya = save_lycoris(lycoris_on(tree, "lokr_f4"), tmp_path / "k.safetensors",
+                         lambda n: n.replace("lycoris_", "lora_unet_"))
+    simple = save_lycoris(lycoris_on(tiny_models.make_transformer("flux1"), "loha", seed=1),
+                          tmp_path / "s.safetensors")
+    with pipe.lycoris_batch():
+        pipe.load_lokr(kohya, "k", strength=0.5)
+        report = pipe.load_loha(simple, "s", strength={"transformer": 0.7})
+    if origin == "mapped":
+        assert set(report.originals) == {"mapped"}, report.originals
+    _, stacked = weights(pipe)
+    pipe.set_lycoris_strength("k", 1.0)
+    pipe.set_lycoris_strength("k", 0.5)
+    _, again = weights(pipe)
+    assert all(torch.equal(stacked[k], again[k]) for k in stacked)
+    fresh = make_pipe("flux1")
+    fresh.load_lokr(kohya, "k", strength=0.5)
+    fresh.load_loha(simple, "s", strength=0.7)
+    assert all(torch.equal(stacked[k], v) for k, v in weights(fresh)[1].items())
+    pipe.unload_lycoris()
+    assert all(torch.equal(before[k], v) for k, v in weights(pipe)[1].items())
+
+
+def test_sd3_text_encoders_and_a_language_model_encoder(tmp_path):
+    """SD3's CLIP-L, CLIP-G and T5 as kohya names them (``lora_te1_``…``lora_te3_``); Z-Image's Qwen3
+    encoder as ``lora_te_`` with or without the language model's ``model.``."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    pipe = make_pipe("sd3")
+    pipe.text_encoder = tiny_models.make_clip_text_model()
+    pipe.text_encoder_2 = tiny_models.make_clip_text_model_with_projection()
+    pipe.text_encoder_3 = tiny_t5()
+    nets = {prefix: lycoris_on(model, "lokr", seed=n) for n, (prefix, model) in enumerate(
+        [("lora_te1_", tiny_models.make_clip_text_model()),
+         ("lora_te2_", tiny_models.make_clip_text_model_with_projection()), ("lora_te3_", tiny_t5())])}
+    files = [save_lycoris(net, tmp_path / f"{prefix}.safetensors", lambda n, p=prefix: n.replace("lycoris_", p))
+             for prefix, net in nets.items()]
+    path = tmp_path / "sd3_te.safetensors"
+    save_file({k: v for f in files for k, v in load_file(f).items()}, str(path), {"ss_base_model_version": "sd3"})
+    report = pipe.load_lokr(path)
+    assert report.complete and {o.block for o in report.applied} == {"TE1", "TE2", "TE3"}, report.format()
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    zimage = make_pipe("zimage")
+    zimage.text_encoder = Qwen3ForCausalLM(config).eval()
+    net = lycoris_on(Qwen3ForCausalLM(config), "loha")
+    encoder = save_lycoris(net, tmp_path / "qwen3.safetensors",
+                           lambda n: n.replace("lycoris_model_", "lora_te_") if "lm_head" not in n else n)
+    report = zimage.load_loha(encoder)
+    assert report.of("applied") and all(o.block == "TE" for o in report.applied), report.format()
+    assert not [o for o in report.not_applied if "lm_head" not in o.module], report.format()
