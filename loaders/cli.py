@@ -48,7 +48,7 @@ def _convert(args: argparse.Namespace) -> int:
     family = _family(args.model, [adapter])
     conversion = convert_adapter(adapter, _layout(family), _rank(args.rank), args.max_error, args.dtype)
     out = _write_atomically(conversion, args.output, [adapter.source])
-    print(f"{adapter.source} -> {out} (kohya LoRA, {family})")
+    print(f"{adapter.source} -> {out} ({_style(family)}, {family})")
     print(format_conversion(conversion))
     return 0
 
@@ -65,17 +65,21 @@ def _merge(args: argparse.Namespace) -> int:
     family = _family(args.model, [a for a, _ in adapters])
     merged = merge_adapters(adapters, _layout(family), _rank(args.rank), args.max_error, args.dtype)
     out = _write_atomically(merged, args.output, [a.source for a, _ in adapters])
-    print(f"{len(adapters)} adapters -> {out} (kohya LoRA, {family}; load it at strength 1 for the stack)")
+    print(f"{len(adapters)} adapters -> {out} ({_style(family)}, {family}; load it at strength 1 for the stack)")
     print(format_conversion(merged))
     return 0
 
 
 def _family(model: str, adapters) -> str:
     family = model if model != "auto" else adapters[0].base_model
-    if family not in ("sdxl", "sd1"):
+    if family not in REFERENCE_FAMILIES:
         raise LohakrError(f"{adapters[0].source}: the base model is {adapters[0].base_model_name}; "
-                          "pass --model sdxl or sd1")
+                          f"pass --model with one of {', '.join(REFERENCE_FAMILIES)}")
     return family
+
+
+def _style(family: str) -> str:
+    return "kohya LoRA" if family in ("sdxl", "sd1") else "diffusers/PEFT LoRA"
 
 
 def _layout(family: str):
@@ -150,8 +154,9 @@ def _lora_output_options(parser: argparse.ArgumentParser, dtype_default: str, mo
                         help="with SVD, the smallest rank whose relative Frobenius error is at most this")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                         help=f"stored dtype (default: {dtype_default})")
-    parser.add_argument("--model", choices=["auto", "sdxl", "sd1"], default="auto",
-                        help=f"the base model whose layers the files target (default: {model_default})")
+    parser.add_argument("--model", choices=["auto", *REFERENCE_FAMILIES], default="auto",
+                        help=f"the base model whose layers the files target, at its full size (default: "
+                             f"{model_default}); kohya names for sdxl/sd1, diffusers/PEFT names for transformers")
     parser.add_argument("-o", "--output", required=True, help="the LoRA file to write")
 
 

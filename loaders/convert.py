@@ -29,7 +29,8 @@ from torch import Tensor
 
 from . import rebuild
 from .errors import LohakrError, where
-from .updates import DiffUpdate, LayerUpdate, LohaUpdate, LokrUpdate, LoraUpdate
+from .families import FAMILIES
+from .updates import DiffUpdate, LayerUpdate, LohaUpdate, LokrUpdate, LoraUpdate, PlacedUpdate, ReorderedUpdate
 
 
 @dataclass
@@ -52,6 +53,8 @@ class LoraFactors:
 
 def exact_rank(update: LayerUpdate) -> int:
     """The rank of ``exact_lora(update)``, from shapes alone (what a conversion would store)."""
+    if isinstance(update, PlacedUpdate | ReorderedUpdate):
+        return exact_rank(update.inner)
     if isinstance(update, LohaUpdate):
         inner = update.gemm_inner
         return inner * int(update.factors["hada_t2"].shape[0] if update.tucker else update.rank)
@@ -70,6 +73,13 @@ def exact_lora(update: LayerUpdate, device=None) -> LoraFactors:
     if update.dora:
         raise LohakrError(f"{where(update.source, update.name)}DoRA rescales by the patched weight's norms; "
                           "no LoRA reproduces it exactly")
+    if isinstance(update, PlacedUpdate | ReorderedUpdate):  # rows of a layer: the inner factors, up moved
+        inner = exact_lora(update.inner, device)
+        moves = [(0, update.start, update.inner.out_features)] if isinstance(update, PlacedUpdate) else update.moves
+        up = inner.up.new_zeros(update.out_features, inner.rank)
+        for src, dst, n in moves:
+            up[dst:dst + n] = inner.up[src:src + n]
+        return LoraFactors(up, inner.down)
     if isinstance(update, LohaUpdate):
         up, down = _loha(update, device)
     elif isinstance(update, LokrUpdate):
@@ -286,34 +296,14 @@ def kohya_name(module_name: str, target, family: str) -> str:
 
 def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float | None = None,
                     dtype: str | None = None) -> FileConversion:
-    """Every module of ``adapter`` that applies on ``layout`` (an SDXL/SD1.5 reference layout) as a
-    kohya LoRA module (``lora_up``/``lora_down``/``alpha``, one alpha for the file): exact or SVD
-    per ``to_lora``, shaped for its layer (a conv's ``down`` is ``(R, I, k…)``, its ``up``
-    ``(O, R, 1…)``), stored in ``dtype`` (default: the adapter's own), the error measured after that
-    cast. Refuses DoRA modules (a DoRA update depends on the base weights) and modules that do not
-    apply (``plan_load``'s refusals)."""
-    plan = _plan_without_dora(adapter, layout, "has no LoRA form on its own")
-    if dtype is not None and dtype not in DTYPES:
-        raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
-    stored = DTYPES[dtype] if dtype else _dominant_dtype(adapter)
-    tensors: dict[str, Tensor] = {}
-    lines: list[ModuleConversion] = []
-    conversions = [(match, to_lora(match.module, rank, max_error)) for match in plan.matches]
-    # One alpha for the whole file, the most common rank: consumers scale by alpha/rank, so each
-    # module's up carries rank/alpha. With one alpha, a loader needs no per-module alpha pattern
-    # (diffusers builds those from CLIP paths that transformers 5 renamed, and then ignores them).
-    ranks = [conversion.rank for _, conversion in conversions]
-    alpha = max(set(ranks), key=ranks.count) if ranks else 1
-    for match, conversion in conversions:
-        module, target = match.module, match.target
-        name = kohya_name(module.name, target, layout.family)
-        shape = tuple(target.weight_shape)
-        bias = module.bias_delta() if module.has_bias_delta else None
-        achieved = _write_module(tensors, name, conversion, shape, alpha, stored, module.delta(shape), bias)
-        lines.append(ModuleConversion(module.name, name, conversion.method, conversion.rank, achieved))
-    metadata = _conversion_metadata(adapter, lines, rank, max_error, stored)
-    skipped = [f"{o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
-    return FileConversion(tensors, metadata, lines, skipped)
+    """Every module of ``adapter`` that applies on ``layout`` as a LoRA: exact or SVD per layer
+    (``to_lora``; a layer several modules patch, such as the rows of a fused original layer, is their
+    exact sum), stored in ``dtype`` (default: the adapter's own), the error measured after that cast.
+    SDXL/SD1.5: a kohya file (``lora_up``/``lora_down``/``alpha``, one alpha for the file); a
+    transformer family: diffusers/PEFT names (``transformer.<path>.lora_A/lora_B``, the scale in
+    ``lora_B``). A conv's ``down`` is ``(R, I, k…)``, its ``up`` ``(O, R, 1…)``. Refuses DoRA modules
+    (a DoRA update depends on the base weights) and modules that do not apply (``plan_load``'s refusals)."""
+    return merge_adapters([(adapter, 1.0)], layout, rank, max_error, dtype)
 
 
 def _plan_without_dora(adapter, layout, why: str):
@@ -329,23 +319,38 @@ def _plan_without_dora(adapter, layout, why: str):
 
 
 def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion, shape: tuple[int, ...],
-                  alpha: float, stored: torch.dtype, delta: Tensor, bias: Tensor | None) -> float:
-    """One kohya LoRA module into ``tensors`` (``up`` carrying rank/alpha, a conv's ``down`` as
-    ``(R, I, k…)`` and ``up`` as ``(O, R, 1…)``); returns its relative error against ``delta``
-    after the cast to ``stored``: what a consumer builds from the file."""
+                  alpha: float | None, stored: torch.dtype, delta: Tensor, bias: Tensor | None) -> float:
+    """One LoRA module into ``tensors``: kohya (``lora_up`` carrying rank/alpha, ``lora_down``,
+    ``alpha``) or, with ``alpha=None``, diffusers/PEFT (``lora_B`` carrying the scale, ``lora_A``, no
+    alpha: a PEFT loader's default ``lora_alpha = r`` scales by 1). A conv's ``down`` is
+    ``(R, I, k…)`` and ``up`` ``(O, R, 1…)``. Returns its relative error against ``delta`` after the
+    cast to ``stored``: what a consumer builds from the file."""
     kernel_ones = (1,) * (len(shape) - 2)
     up = conversion.factors.up
-    up = (up * (conversion.rank / alpha) if conversion.rank != alpha else up).to(stored)
+    gain = 1.0 if alpha is None else conversion.rank / alpha
+    up = (up * gain if gain != 1.0 else up).to(stored)
     down = conversion.factors.down.to(stored)
     delta = delta.reshape(shape[0], -1)
-    written = up.float() @ down.float() * (alpha / conversion.rank)
+    written = up.float() @ down.float() / gain
     achieved = (written - delta).norm() / delta.norm().clamp_min(1e-30)
-    tensors[f"{name}.lora_up.weight"] = up.reshape(shape[0], conversion.rank, *kernel_ones).contiguous()
-    tensors[f"{name}.lora_down.weight"] = down.reshape(conversion.rank, *shape[1:]).contiguous()
-    tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    up_key, down_key = ("lora_B.weight", "lora_A.weight") if alpha is None else ("lora_up.weight", "lora_down.weight")
+    tensors[f"{name}.{up_key}"] = up.reshape(shape[0], conversion.rank, *kernel_ones).contiguous()
+    tensors[f"{name}.{down_key}"] = down.reshape(conversion.rank, *shape[1:]).contiguous()
+    if alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     if bias is not None:
+        if alpha is None:
+            raise LohakrError(f"{name}: a bias delta (diff_b) has no place in a diffusers/PEFT LoRA")
         tensors[f"{name}.diff_b"] = bias.to(stored)
     return float(achieved)
+
+
+def lora_name(module_name: str, target, family: str) -> str:
+    """The module's name in the written LoRA: kohya's for SDXL/SD1.5 (``kohya_name``), else the
+    diffusers/PEFT path with its component (``transformer.transformer_blocks.0.attn.to_q``)."""
+    if family in FAMILIES:
+        return f"{target.component}.{target.path}"
+    return kohya_name(module_name, target, family)
 
 
 def _dominant_dtype(adapter) -> torch.dtype:
@@ -401,7 +406,8 @@ def format_conversion(conversion: FileConversion, names: int = 10) -> str:
 @torch.no_grad()
 def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str = "exact",
                    max_error: float | None = None, dtype: str | None = None) -> FileConversion:
-    """Several adapters at their strengths as one kohya LoRA whose ΔW per layer is their sum
+    """Several adapters at their strengths as one LoRA (kohya, or diffusers/PEFT names for a
+    transformer, as ``convert_adapter``) whose ΔW per layer is their sum
     (docs/format.md#merging-adapters). Per layer the sum is exact as a LoRA of the summed ranks:
     each adapter's exact factors, ``up`` times its strength, side by side. Where ``rank`` or
     ``max_error`` asks for less, a truncated SVD of that sum (from the factors: QR and an R×R SVD),
@@ -409,28 +415,27 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
     model is refused, as in a load); DoRA modules are refused (their update depends on the base)."""
     if dtype is not None and dtype not in DTYPES:
         raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
+    single = len(adapters) == 1 and adapters[0][1] == 1.0  # convert: one file, its own names
     per_layer: dict[str, list] = {}
-    targets, names, skipped = {}, {}, []
+    targets, names, sources, skipped = {}, {}, {}, []
     for adapter, strength in adapters:
-        plan = _plan_without_dora(adapter, layout, "cannot be merged into a LoRA")
+        plan = _plan_without_dora(adapter, layout, "has no LoRA form on its own" if single
+                                  else "cannot be merged into a LoRA")
         for match in plan.matches:
             per_layer.setdefault(match.target.key, []).append((match.module, float(strength)))
             targets[match.target.key] = match.target
-            names.setdefault(match.target.key, kohya_name(match.module.name, match.target, layout.family))
-        skipped += [f"{adapter.name}: {o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
+            names.setdefault(match.target.key, lora_name(match.module.name, match.target, layout.family))
+            sources.setdefault(match.target.key, match.module.name)
+        prefix = "" if single else f"{adapter.name}: "
+        skipped += [f"{prefix}{o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
     stored = DTYPES[dtype] if dtype else _dominant_dtype(adapters[0][0])
-    conversions = {}
-    for key, contributions in per_layer.items():
-        shape = tuple(targets[key].weight_shape)
-        parts = [exact_lora(module) for module, _ in contributions]
-        summed = LoraFactors(torch.cat([p.up * s for p, (_, s) in zip(parts, contributions, strict=True)], 1),
-                             torch.cat([p.down for p in parts], 0))
-        if rank == "exact" or (max_error is None and rank >= summed.rank):
-            conversions[key] = Conversion(summed, "exact", 0.0)
-        else:
-            conversions[key] = _truncated(*_svd_of_factors(summed, shape), rank, max_error)
+    conversions = {key: _layer_conversion(contributions, tuple(targets[key].weight_shape), rank, max_error)
+                   for key, contributions in per_layer.items()}
     ranks = [c.rank for c in conversions.values()]
-    alpha = max(set(ranks), key=ranks.count) if ranks else 1
+    # kohya: one alpha for the whole file, the most common rank; consumers scale by alpha/rank, so
+    # each module's up carries rank/alpha. With one alpha, a loader needs no per-module alpha pattern
+    # (diffusers builds those from CLIP paths that transformers 5 renamed, and then ignores them).
+    alpha = None if layout.family in FAMILIES else (max(set(ranks), key=ranks.count) if ranks else 1)
     tensors: dict[str, Tensor] = {}
     lines: list[ModuleConversion] = []
     for key, conversion in conversions.items():
@@ -439,9 +444,27 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
         biases = [module.bias_delta() * s for module, s in per_layer[key] if module.has_bias_delta]
         achieved = _write_module(tensors, names[key], conversion, shape, alpha, stored, delta,
                                  sum(biases) if biases else None)
-        lines.append(ModuleConversion(key, names[key], conversion.method, conversion.rank, achieved))
-    metadata = _merge_metadata(adapters, lines, rank, max_error, stored)
+        lines.append(ModuleConversion(sources[key] if single else key, names[key], conversion.method,
+                                      conversion.rank, achieved))
+    if single:
+        metadata = _conversion_metadata(adapters[0][0], lines, rank, max_error, stored)
+    else:
+        metadata = _merge_metadata(adapters, lines, rank, max_error, stored)
     return FileConversion(tensors, metadata, lines, skipped)
+
+
+def _layer_conversion(contributions: list[tuple[LayerUpdate, float]], shape: tuple[int, ...],
+                      rank: int | str, max_error: float | None) -> Conversion:
+    """One layer's updates (at their strengths) as one LoRA: a lone update by ``to_lora``; several
+    exactly, side by side at the summed rank, or a truncated SVD of that sum (QR and an R×R SVD)."""
+    if len(contributions) == 1 and contributions[0][1] == 1.0:
+        return to_lora(contributions[0][0], rank, max_error)
+    parts = [exact_lora(module) for module, _ in contributions]
+    summed = LoraFactors(torch.cat([p.up * s for p, (_, s) in zip(parts, contributions, strict=True)], 1),
+                         torch.cat([p.down for p in parts], 0))
+    if rank == "exact" or (max_error is None and rank >= summed.rank):
+        return Conversion(summed, "exact", 0.0)
+    return _truncated(*_svd_of_factors(summed, shape), rank, max_error)
 
 
 def _merge_metadata(adapters, lines: list[ModuleConversion], rank, max_error, dtype: torch.dtype) -> dict[str, str]:

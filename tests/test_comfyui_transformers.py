@@ -211,3 +211,31 @@ def test_blocks_and_block_weights_on_comfyuis_flux(comfy):
     assert changed and not [k for k in changed if k.startswith(("diffusion_model.double_blocks.",
                                                                 "diffusion_model.single_blocks.1."))]
     assert [k for k in changed if k.startswith("diffusion_model.single_blocks.0.")]
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_a_converted_lora_loads_in_comfyuis_native_loader_to_our_weights(comfy, family):
+    """A LoKr in kohya's original names, converted exactly to a diffusers/PEFT LoRA (fused layers split
+    into diffusers' layers), loads in ComfyUI's LoraLoaderModelOnly, which fuses it back through its
+    own offsets, to the weights our node gives from the source file."""
+    from safetensors.torch import save_file
+
+    import nodes as comfy_nodes
+    from lohakr import load_adapter
+    from lohakr.loaders.convert import convert_adapter
+    from lohakr.nodes.definitions import run_loader_model_only
+
+    source = original_named_file(comfy, family, "lokr_f4")
+    twin = make_twin(family)
+    conversion = convert_adapter(load_adapter(comfy / source), ModelLayout.from_transformer(twin, FAMILIES[family]),
+                                 "exact", dtype="fp32")
+    save_file(conversion.tensors, str(comfy / f"{family}_converted.safetensors"), conversion.metadata)
+    model = build_comfy(family)
+    (ours,), _ = run_loader_model_only(model, source, STRENGTH)
+    (native,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"{family}_converted.safetensors",
+                                                                     STRENGTH)
+    ours_state, native_state = loaded(ours), loaded(native)
+    pristine = build_comfy(family).model.state_dict()
+    assert len([k for k in ours_state if not torch.equal(ours_state[k], pristine[k])]) >= 20
+    for key in ours_state:
+        assert_close(native_state[key], ours_state[key], key)

@@ -447,3 +447,78 @@ def test_sd3_text_encoders_and_a_language_model_encoder(tmp_path):
     report = zimage.load_loha(encoder)
     assert report.of("applied") and all(o.block == "TE" for o in report.applied), report.format()
     assert not [o for o in report.not_applied if "lm_head" not in o.module], report.format()
+
+
+def _converted(tmp_path, family, variant, naming):
+    """A LyCORIS file (diffusers or original names) converted to a diffusers/PEFT LoRA, exactly."""
+    from safetensors.torch import save_file
+
+    from lohakr.loaders.convert import convert_adapter
+
+    if naming == "original":
+        tree, _ = original_model(family, tiny_models.make_transformer(family))
+        source = save_lycoris(lycoris_on(tree, variant), tmp_path / "source.safetensors",
+                              lambda n: n.replace("lycoris_", "lora_unet_"))
+    else:
+        source = save_lycoris(lycoris_on(tiny_models.make_transformer(family), variant),
+                              tmp_path / "source.safetensors")
+    pipe = make_pipe(family)
+    conversion = convert_adapter(load_adapter(source), pipeline_layout(pipe), "exact", dtype="fp32")
+    out = tmp_path / "lora.safetensors"
+    save_file(conversion.tensors, str(out), conversion.metadata)
+    return source, out, conversion
+
+
+@pytest.mark.parametrize("family, variant, naming", [
+    ("flux1", "lokr_f4", "original"), ("flux1", "loha", "diffusers"), ("sd3", "lokr", "original"),
+    ("qwenimage", "lokr_full", "diffusers"), ("flux2", "loha", "original")])
+def test_a_converted_transformer_lora_loads_in_diffusers_to_our_weights(tmp_path, family, variant, naming):
+    """Exact conversion (fused original layers split into diffusers' layers, halves swapped) written
+    with diffusers/PEFT names; diffusers' own ``load_lora_weights`` + ``fuse_lora`` gives the weights
+    our loader gives from the source file."""
+    source, out, conversion = _converted(tmp_path, family, variant, naming)
+    assert conversion.modules and all(m.method == "exact" and m.error < 1e-5 for m in conversion.modules)
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in conversion.tensors)
+    ours = make_pipe(family)
+    ours.load_lycoris(source)
+    theirs = make_pipe(family)
+    base = {k: v.clone() for k, v in theirs.transformer.state_dict().items()}
+    theirs.load_lora_weights(str(out))
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    got, expected = theirs.transformer.state_dict(), ours.transformer.state_dict()
+    changed = [k for k in base if not torch.equal(expected[k], base[k])]
+    assert len(changed) == len(conversion.modules)
+    for key in changed:
+        assert_patched(got[key], base[key], expected[key] - base[key], key)
+
+
+def test_a_converted_transformer_lora_is_a_peft_lora(tmp_path):
+    """The same file through PEFT's own LoraConfig: one rank per module, lora_alpha = r (the scale is
+    in lora_B), merged by PEFT's layers, equals our load."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    source, out, conversion = _converted(tmp_path, "flux1", "lokr", "original")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(out).items()}
+    ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    ranks = dict(sorted(ranks.items(), key=lambda item: -len(item[0])))  # PEFT takes the first suffix match
+    config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
+                        rank_pattern=ranks, alpha_pattern=ranks)
+    model = tiny_models.make_transformer("flux1")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_adapter_in_model(config, model)
+    result = set_peft_model_state_dict(model, state)
+    assert not [k for k in result.unexpected_keys]
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    merged = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    ours = make_pipe("flux1")
+    ours.load_lycoris(source)
+    expected = ours.transformer.state_dict()
+    for key, value in base.items():
+        assert_patched(merged[key], value, expected[key] - value, key)
