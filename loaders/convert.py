@@ -30,7 +30,7 @@ from torch import Tensor
 from . import rebuild
 from .errors import LohakrError, where
 from .families import FAMILIES
-from .updates import DiffUpdate, LayerUpdate, LohaUpdate, LokrUpdate, LoraUpdate, PlacedUpdate, ReorderedUpdate
+from .updates import DiffUpdate, LayerUpdate, LohaUpdate, LokrUpdate, LoraUpdate, RowsOfUpdate
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LoraFactors:
 
 def exact_rank(update: LayerUpdate) -> int:
     """The rank of ``exact_lora(update)``, from shapes alone (what a conversion would store)."""
-    if isinstance(update, PlacedUpdate | ReorderedUpdate):
+    if isinstance(update, RowsOfUpdate):
         return exact_rank(update.inner)
     if isinstance(update, LohaUpdate):
         inner = update.gemm_inner
@@ -73,11 +73,10 @@ def exact_lora(update: LayerUpdate, device=None) -> LoraFactors:
     if update.dora:
         raise LohakrError(f"{where(update.source, update.name)}DoRA rescales by the patched weight's norms; "
                           "no LoRA reproduces it exactly")
-    if isinstance(update, PlacedUpdate | ReorderedUpdate):  # rows of a layer: the inner factors, up moved
+    if isinstance(update, RowsOfUpdate):  # rows placed or reordered on a layer: the inner factors, up moved
         inner = exact_lora(update.inner, device)
-        moves = [(0, update.start, update.inner.out_features)] if isinstance(update, PlacedUpdate) else update.moves
         up = inner.up.new_zeros(update.out_features, inner.rank)
-        for src, dst, n in moves:
+        for src, dst, n in update.moves():
             up[dst:dst + n] = inner.up[src:src + n]
         return LoraFactors(up, inner.down)
     if isinstance(update, LohaUpdate):

@@ -761,30 +761,24 @@ class DiffUpdate(LayerUpdate):
 
 
 @dataclass(eq=False)
-class PlacedUpdate(LayerUpdate):
-    """An update of some output rows of a larger layer: ``inner`` patches rows
-    ``start:start + inner.out_features`` of a weight of ``layer_shape``, as if they were a layer of
-    their own (its DoRA norms are over those rows only). A file module for one of diffusers' split
-    projections on a model that fuses them (``to_q`` into a fused ``qkv``), or a half of a layer
-    whose halves two naming schemes order differently (docs/names-and-blocks.md#fused-and-split-layers).
-    ``apply.patch`` patches the rows view; ``rows`` here pads with zeros, for inspection only."""
+class RowsOfUpdate(LayerUpdate):
+    """An update whose rows land elsewhere on its layer: rows ``src:src+n`` of ``inner`` go to rows
+    ``dst:dst+n`` of the layer for each ``(src, dst, n)`` of ``moves()``; other rows get nothing.
+    Scale, rank and bound are the inner update's (docs/names-and-blocks.md#fused-and-split-layers)."""
 
     inner: LayerUpdate | None = None
-    start: int = 0
-    layer_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        self.kind = self.inner.kind  # type: ignore[misc]  # reported as the algorithm it places
+        self.kind = self.inner.kind  # type: ignore[misc]  # reported as the algorithm it moves
 
     @classmethod
-    def of(cls, inner: LayerUpdate, start: int, layer_shape: tuple[int, ...]) -> PlacedUpdate:
-        return cls(name=inner.name, factors=inner.factors, alpha=inner.alpha, dora_scale=inner.dora_scale,
+    def _around(cls, inner: LayerUpdate, dora_scale: Tensor | None, **fields) -> RowsOfUpdate:
+        return cls(name=inner.name, factors=inner.factors, alpha=inner.alpha, dora_scale=dora_scale,
                    scalar=inner.scalar, source=inner.source, dora_prefer_output=inner.dora_prefer_output,
-                   inner=inner, start=start, layer_shape=tuple(layer_shape))
+                   inner=inner, **fields)
 
-    @property
-    def stop(self) -> int:
-        return self.start + self.inner.out_features
+    def moves(self) -> tuple[tuple[int, int, int], ...]:
+        raise NotImplementedError
 
     @property
     def rank(self) -> int | None:
@@ -798,82 +792,12 @@ class PlacedUpdate(LayerUpdate):
     def tucker(self) -> bool:
         return self.inner.tucker
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return self.layer_shape
-
     def _factor_bound(self) -> float:
         return self.inner.update_bound()
-
-    def check_target(self, weight_shape: tuple[int, ...]) -> str | None:
-        if tuple(weight_shape) != self.layer_shape:
-            return (f"it patches rows {self.start}:{self.stop} of a {_fmt(self.layer_shape)} weight, "
-                    f"not {_fmt(weight_shape)}")
-        return self.inner.check_target((self.inner.out_features, *self.layer_shape[1:]))
 
     def rows(self, start: int, stop: int, device: Device = None, cache: FactorCache | None = None) -> Tensor:
         out = torch.zeros(stop - start, self.in_features, dtype=torch.float32, device=device)
-        lo, hi = max(start, self.start), min(stop, self.stop)
-        if lo < hi:
-            out[lo - start:hi - start] = self.inner.rows(lo - self.start, hi - self.start, device, cache)
-        return out
-
-    @property
-    def has_bias_delta(self) -> bool:
-        return self.inner.has_bias_delta
-
-    def bias_delta(self, device: Device = None) -> Tensor | None:
-        inner = self.inner.bias_delta(device)
-        if inner is None:
-            return None
-        out = torch.zeros(self.layer_shape[0], dtype=torch.float32, device=inner.device)
-        out[self.start:self.stop] = inner
-        return out
-
-
-@dataclass(eq=False)
-class ReorderedUpdate(LayerUpdate):
-    """An update whose row blocks land on its layer in another order: rows ``src:src+n`` of ``inner``
-    go to rows ``dst:dst+n`` of the layer, for each ``(src, dst, n)`` in ``moves`` (together a
-    permutation). The final modulation's two halves, which the original and diffusers order
-    differently (docs/names-and-blocks.md#fused-and-split-layers). An input-axis DoRA is exact here:
-    its column norms do not depend on the order of the rows."""
-
-    inner: LayerUpdate | None = None
-    moves: tuple[tuple[int, int, int], ...] = ()
-
-    def __post_init__(self) -> None:
-        self.kind = self.inner.kind  # type: ignore[misc]
-
-    @classmethod
-    def of(cls, inner: LayerUpdate, moves: list[tuple[int, int, int]]) -> ReorderedUpdate:
-        magnitude = inner.dora_scale
-        if magnitude is not None and inner.dora_axis(inner.weight_shape) == "out":
-            rows = magnitude.reshape(magnitude.shape[0], -1)
-            order = sorted(moves, key=lambda move: move[1])
-            magnitude = torch.cat([rows[src:src + n] for src, _, n in order]).reshape(magnitude.shape)
-        return cls(name=inner.name, factors=inner.factors, alpha=inner.alpha, dora_scale=magnitude,
-                   scalar=inner.scalar, source=inner.source, dora_prefer_output=inner.dora_prefer_output,
-                   inner=inner, moves=tuple(moves))
-
-    @property
-    def rank(self) -> int | None:
-        return self.inner.rank
-
-    @property
-    def scale(self) -> float:
-        return self.inner.scale
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return self.inner.weight_shape
-
-    def _factor_bound(self) -> float:
-        return self.inner.update_bound()
-
-    def rows(self, start: int, stop: int, device: Device = None, cache: FactorCache | None = None) -> Tensor:
-        out = torch.empty(stop - start, self.in_features, dtype=torch.float32, device=device)
-        for src, dst, n in self.moves:
+        for src, dst, n in self.moves():
             lo, hi = max(start, dst), min(stop, dst + n)
             if lo < hi:
                 out[lo - start:hi - start] = self.inner.rows(src + lo - dst, src + hi - dst, device, cache)
@@ -887,10 +811,67 @@ class ReorderedUpdate(LayerUpdate):
         inner = self.inner.bias_delta(device)
         if inner is None:
             return None
-        out = torch.empty_like(inner)
-        for src, dst, n in self.moves:
+        out = torch.zeros(self.weight_shape[0], dtype=torch.float32, device=inner.device)
+        for src, dst, n in self.moves():
             out[dst:dst + n] = inner[src:src + n]
         return out
+
+
+@dataclass(eq=False)
+class PlacedUpdate(RowsOfUpdate):
+    """``inner`` on rows ``start:start + inner.out_features`` of a larger layer of ``layer_shape``, as if
+    they were a layer of their own (its DoRA norms are over those rows only): a file module for one
+    of diffusers' split projections on a model that fuses them (``to_q`` into a fused ``qkv``).
+    ``apply.patch`` patches the rows view; ``rows`` here pads with zeros, for inspection only."""
+
+    start: int = 0
+    layer_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, inner: LayerUpdate, start: int, layer_shape: tuple[int, ...]) -> PlacedUpdate:
+        return cls._around(inner, inner.dora_scale, start=start, layer_shape=tuple(layer_shape))
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.inner.out_features
+
+    def moves(self) -> tuple[tuple[int, int, int], ...]:
+        return ((0, self.start, self.inner.out_features),)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.layer_shape
+
+    def check_target(self, weight_shape: tuple[int, ...]) -> str | None:
+        if tuple(weight_shape) != self.layer_shape:
+            return (f"it patches rows {self.start}:{self.stop} of a {_fmt(self.layer_shape)} weight, "
+                    f"not {_fmt(weight_shape)}")
+        return self.inner.check_target((self.inner.out_features, *self.layer_shape[1:]))
+
+
+@dataclass(eq=False)
+class ReorderedUpdate(RowsOfUpdate):
+    """``inner`` on its own layer with its row blocks in another order (``row_moves``, together a
+    permutation): the final modulation's two halves, which the original and diffusers order
+    differently. An input-axis DoRA is exact here: column norms do not depend on the row order."""
+
+    row_moves: tuple[tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def of(cls, inner: LayerUpdate, moves: list[tuple[int, int, int]]) -> ReorderedUpdate:
+        magnitude = inner.dora_scale
+        if magnitude is not None and inner.dora_axis(inner.weight_shape) == "out":
+            rows = magnitude.reshape(magnitude.shape[0], -1)
+            order = sorted(moves, key=lambda move: move[1])
+            magnitude = torch.cat([rows[src:src + n] for src, _, n in order]).reshape(magnitude.shape)
+        return cls._around(inner, magnitude, row_moves=tuple(moves))
+
+    def moves(self) -> tuple[tuple[int, int, int], ...]:
+        return self.row_moves
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.inner.weight_shape
 
 
 UPDATE_CLASSES: dict[str, type[LayerUpdate]] = {
