@@ -12,7 +12,8 @@ Blocks (docs/names-and-blocks.md#blocks): SDXL ``TE1 TE2 IN00…IN08 M00 OUT00�
 
 Transformers have their own blocks (``DOUBLE00…``, ``SINGLE00…``, ``JOINT00…``, ``LAYER00…``; families.py):
 named values there take a block (``SINGLE3`` = ``SINGLE03``), a kind (``DOUBLE``), TE, TRANSFORMER
-(every non-text-encoder block), OTHER or ALL; the ALL and NONE presets apply too.
+(every non-text-encoder block), OTHER or ALL; the ALL and NONE presets apply too; a vector is BASE
+then every numbered block in layout order (Flux: 1 + 19 + 38 values, as the Inspire pack orders them).
 """
 
 from __future__ import annotations
@@ -201,8 +202,25 @@ def _named(pairs: Iterable[tuple[str, float]], blocks: list[str], text: str) -> 
     return BlockWeights(weights=weights, spec=text)
 
 
+def transformer_vector_names(blocks: Sequence[str]) -> list[str] | None:
+    """A transformer layout's vector: BASE (the text encoders), then every numbered block in layout
+    order (Flux: the double blocks, then the single ones, as the Inspire pack orders them); ``None``
+    for a UNet layout, whose vectors are A1111's."""
+    numbered = [b for b in blocks if not b.startswith("TE") and b != "OTHER"]
+    if not numbered or any(re.fullmatch(r"(IN|OUT|M)\d+", b) for b in numbered):
+        return None
+    return ["BASE", *numbered]
+
+
 def _vector(values: list[float], blocks: list[str], family: str, text: str) -> BlockWeights:
     n = len(values)
+    names = transformer_vector_names(blocks)
+    if names is not None:
+        if n != len(names):
+            raise BlockWeightsError(
+                f"a block-weight vector for this model has {len(names)} values (BASE, then "
+                f"{names[1]}…{names[-1]}); got {n}. {FORMS_HELP}")
+        return _weights_of_vector(values, names, blocks, text)
     if n not in VECTOR_LAYOUTS:
         raise BlockWeightsError(
             f"a block-weight vector needs 12 or 20 values (SDXL) or 17 or 26 (SD1.5); got {n}. "
@@ -215,6 +233,11 @@ def _vector(values: list[float], blocks: list[str], family: str, text: str) -> B
             f"a {n}-value vector is for {'SDXL' if vector_family == 'sdxl' else 'SD1.5'}; this model "
             f"takes {want} values"
         )
+    return _weights_of_vector(values, names, blocks, text)
+
+
+def _weights_of_vector(values: list[float], names: list[str], blocks: list[str], text: str) -> BlockWeights:
+    """Blocks the vector lists get its values (BASE: every text encoder), the others 0, OTHER 1."""
     te = [b for b in blocks if b.startswith("TE")]
     weights = {b: 0.0 for b in blocks if b != "OTHER"}
     listed: set[str] = set()

@@ -247,12 +247,14 @@ def test_blocks_of_each_family(family, blocks):
     assert pipeline_layout(make_pipe(family, with_text_encoder=family == "flux1")).blocks == blocks
 
 
-def test_block_weights_on_a_transformer(tmp_path):
+@pytest.mark.parametrize("spec", ["DOUBLE=0, SINGLE01=0", "1, 0, 0, 1, 0"])
+def test_block_weights_on_a_transformer(tmp_path, spec):
+    """Named values, or a vector (BASE, the double blocks, the single blocks: the Inspire pack's order)."""
     pipe = make_pipe("flux1")
     net = lycoris_on(tiny_models.make_transformer("flux1"), "lokr")
     path = save_lycoris(net, tmp_path / "blocks.safetensors")
     _, before = weights(pipe)
-    pipe.load_lokr(path, block_weights="DOUBLE=0, SINGLE01=0")
+    pipe.load_lokr(path, block_weights=spec)
     layout, after = weights(pipe)
     changed = {layout.targets[k].block for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"SINGLE00", "OTHER"}

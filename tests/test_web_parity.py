@@ -16,7 +16,9 @@ SPECS = ["", "ALL", "NONE", "INALL", "MIDALL", "OUTALL", "INS", "IND", "MIDD", "
          "IN04=0.5, OUT=0, TE2=0", "mid: 0.25, in8=2", "UNET=0.7", "te=0, other=0.5", "BASE=0.3",
          "0.5,1,0.9,1,1,0.8,1,1,1,0.7,1,1", ",".join(["0.25"] * 20), ",".join(["1"] * 17), ",".join(["0"] * 26),
          "IN99=1", "IN04=abc", "FOO", "1,1,1", "DOUBLE=0.5, SINGLE3=0", "transformer=0.2, te1=0", "JOINT=0, joint07=1",
-         "layer=0.5, nref=0, CREF1=2", "single=0, other=0", "single3=0.5"]
+         "layer=0.5, nref=0, CREF1=2", "single=0, other=0", "single3=0.5",
+         ",".join(["0.5"] * 58), ",".join(["1"] * 39), ",".join(["0"] * 57), ",".join(["2"] * 61),
+         ",".join(["1"] * 35)]
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd1", "flux1", "flux2", "sd3", "zimage", "qwenimage"])

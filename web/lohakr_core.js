@@ -30,6 +30,13 @@ const FAMILY_LENGTHS = { sdxl: [12, 20], sd1: [17, 26], sd2: [17, 26] };
 export const PRESET_NAMES = ["ALL", "NONE", "INALL", "MIDALL", "OUTALL", "INS", "IND", "MIDD", "OUTD", "OUTS"];
 const NUMBER = /^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$/;
 
+/** A transformer layout's vector: BASE, then every numbered block in layout order; null for a UNet's. */
+export function transformerVectorNames(blocks) {
+  const numbered = blocks.filter((b) => !b.startsWith("TE") && b !== "OTHER");
+  if (!numbered.length || numbered.some((b) => /^(IN|OUT|M)\d+$/.test(b))) return null;
+  return ["BASE", ...numbered];
+}
+
 export function layoutFor(family) {
   return LAYOUTS[family] || LAYOUTS.sdxl;
 }
@@ -99,11 +106,17 @@ export function parseBlockWeights(text, family = "sdxl") {
     const tokens = trimmed.split(/[,\s;]+/).filter(Boolean);
     if (tokens.every((t) => NUMBER.test(t))) {
       const n = tokens.length;
-      if (!VECTORS[n]) throw new Error(`a block-weight vector needs 12 or 20 values (SDXL) or 17 or 26 (SD1.5); got ${n}`);
-      const [vectorFamily, names] = VECTORS[n];
-      const allowed = FAMILY_LENGTHS[family];
-      if (allowed && !allowed.includes(n)) {
-        throw new Error(`a ${n}-value vector is for ${vectorFamily === "sdxl" ? "SDXL" : "SD1.5"}; this model takes ${allowed.join(" or ")} values`);
+      let names = transformerVectorNames(blocks);
+      if (names) {
+        if (n !== names.length) throw new Error(`a block-weight vector for this model has ${names.length} values (BASE, then ${names[1]}…${names.at(-1)}); got ${n}`);
+      } else {
+        if (!VECTORS[n]) throw new Error(`a block-weight vector needs 12 or 20 values (SDXL) or 17 or 26 (SD1.5); got ${n}`);
+        const [vectorFamily, vectorNames] = VECTORS[n];
+        const allowed = FAMILY_LENGTHS[family];
+        if (allowed && !allowed.includes(n)) {
+          throw new Error(`a ${n}-value vector is for ${vectorFamily === "sdxl" ? "SDXL" : "SD1.5"}; this model takes ${allowed.join(" or ")} values`);
+        }
+        names = vectorNames;
       }
       const te = blocks.filter((b) => b.startsWith("TE"));
       const weights = Object.fromEntries(blocks.map((b) => [b, b === "OTHER" ? 1 : 0]));
