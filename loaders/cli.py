@@ -12,7 +12,7 @@ from .describe import describe_adapter, describe_coverage, format_coverage, form
 from .errors import LohakrError
 
 # the full-size layouts ``info`` checks coverage against (reference_models.FAMILIES, without importing it)
-REFERENCE_FAMILIES = ("sdxl", "sd1", "flux1", "flux2", "sd3", "zimage", "qwenimage")
+REFERENCE_FAMILIES = ("sdxl", "sd1", "flux1", "chroma", "flux2", "sd3", "zimage", "qwenimage")
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ class BlockScope:
 
     diffusers: str  # "transformer_blocks" (indices follow)
     original: str | None  # "double_blocks"; None where the original uses the diffusers names
-    block: str  # "DOUBLE" → DOUBLE00, DOUBLE01…
+    block: str  # "DOUBLE" → DOUBLE00, DOUBLE01…; "" for numbered layers that are not blocks (OTHER)
     layers: dict[str, Original] = field(default_factory=dict)
 
 
@@ -55,13 +55,13 @@ class TransformerFamily:
         for scope in self.scopes:
             prefix = (scope.original or scope.diffusers) if original else scope.diffusers
             match = re.match(rf"{re.escape(prefix)}\.(\d+)\.", path)
-            if match:
+            if match and scope.block:
                 return f"{scope.block}{int(match.group(1)):02d}"
         return "OTHER"
 
     @property
     def block_groups(self) -> tuple[str, ...]:
-        return tuple(scope.block for scope in self.scopes)
+        return tuple(scope.block for scope in self.scopes if scope.block)
 
 
 _FLUX_DOUBLE = {
@@ -105,8 +105,35 @@ FLUX1 = TransformerFamily(
     },
     text_encoders={"text_encoder": ("lora_te1_", "lora_te_"), "text_encoder_2": ("lora_te3_", "lora_te2_")},
     architectures=("flux-1", "flux1", "flux.1"),
+    # Chroma shares every other Flux.1 name: only the per-block modulations tell them apart
     name_patterns=(r"(?:^|[._])(?:img|txt)_mod[._]lin", r"(?:^|[._])single_blocks[._]\d+[._]modulation",
-                   r"(?:^|[._])single_transformer_blocks[._]\d+[._]proj_mlp"),
+                   r"(?:^|[._])single_transformer_blocks[._]\d+[._]norm[._]linear"),
+)
+
+CHROMA = TransformerFamily(
+    id="chroma",
+    name="Chroma",
+    classes=("ChromaTransformer2DModel",),
+    scopes=(
+        BlockScope("transformer_blocks", "double_blocks", "DOUBLE", {
+            **_FLUX_DOUBLE,
+            "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+            "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+        }),
+        BlockScope("single_transformer_blocks", "single_blocks", "SINGLE", {
+            "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+            "linear2": "proj_out",
+        }),
+        # the modulation approximator's layers: embedders, not blocks
+        BlockScope("distilled_guidance_layer.layers", "distilled_guidance_layer.layers", "", {
+            "in_layer": "linear_1", "out_layer": "linear_2"}),
+    ),
+    top_level={"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+               "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+               "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj"},
+    text_encoders={"text_encoder": ("lora_te_", "lora_te1_")},
+    architectures=("chroma",),
+    name_patterns=(r"distilled_guidance_layer",),
 )
 
 FLUX2 = TransformerFamily(
@@ -205,7 +232,7 @@ QWEN_IMAGE = TransformerFamily(
     name_patterns=(r"(?:img|txt)_mod[._]1(?:$|[._])", r"(?:img|txt)_mlp[._]net"),
 )
 
-FAMILIES: dict[str, TransformerFamily] = {f.id: f for f in (FLUX1, FLUX2, SD3, ZIMAGE, QWEN_IMAGE)}
+FAMILIES: dict[str, TransformerFamily] = {f.id: f for f in (FLUX1, CHROMA, FLUX2, SD3, ZIMAGE, QWEN_IMAGE)}
 FAMILY_OF_CLASS: dict[str, TransformerFamily] = {c: f for f in FAMILIES.values() for c in f.classes}
 
 

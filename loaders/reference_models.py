@@ -1,9 +1,9 @@
-"""Full-size SDXL, SD1.5 and transformer (Flux.1, Flux.2, SD3.5, Z-Image, Qwen-Image) configs, embedded
+"""Full-size SDXL, SD1.5 and transformer (Flux.1, Chroma, Flux.2, SD3.5, Z-Image, Qwen-Image) configs, embedded
 (no downloads), built on any device.
 
 Used to show how a file covers a real layout without weights (``meta`` device), and by the
 benchmarks (materialised with random weights). Values are those of the published
-stable-diffusion-xl-base-1.0, stable-diffusion-v1-5, FLUX.1-dev, FLUX.2-dev, stable-diffusion-3.5-large,
+stable-diffusion-xl-base-1.0, stable-diffusion-v1-5, FLUX.1-dev, Chroma1-HD, FLUX.2-dev, stable-diffusion-3.5-large,
 Z-Image-Turbo and Qwen-Image configs (transformers; CLIP and T5 encoders where pipelines have
 them, not the language-model encoders of Flux.2, Z-Image and Qwen-Image). Needs diffusers + transformers.
 """
@@ -63,6 +63,10 @@ TRANSFORMERS: dict[str, tuple[str, dict[str, Any]]] = {
         "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
         "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
         "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}),
+    "chroma": ("ChromaTransformer2DModel", {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 4096, "axes_dims_rope": (16, 56, 56),
+        "approximator_num_channels": 64, "approximator_hidden_dim": 5120, "approximator_layers": 5}),
     "flux2": ("Flux2Transformer2DModel", {
         "patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128,
         "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256,
@@ -83,6 +87,7 @@ TRANSFORMERS: dict[str, tuple[str, dict[str, Any]]] = {
 # text encoders of the transformer pipelines: component → (class, config)
 TRANSFORMER_TEXT_ENCODERS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "flux1": {"text_encoder": ("CLIPTextModel", CLIP_L), "text_encoder_2": ("T5EncoderModel", T5_XXL)},
+    "chroma": {"text_encoder": ("T5EncoderModel", T5_XXL)},
     "sd3": {"text_encoder": ("CLIPTextModelWithProjection", CLIP_L),
             "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_BIGG),
             "text_encoder_3": ("T5EncoderModel", T5_XXL)},

@@ -224,6 +224,10 @@ TRANSFORMER_CONFIGS: dict[str, tuple[str, dict]] = {
         patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=(4, 6, 6))),
+    "chroma": ("ChromaTransformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
+        approximator_layers=2)),
     "flux2": ("Flux2Transformer2DModel", dict(
         patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),

@@ -33,7 +33,8 @@ logger = logging.getLogger("lohakr")
 
 FAMILY_OF_CONFIG = {"SDXL": "sdxl", "SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
                     "SDXLRefiner": "unknown", "Flux": "flux1", "FluxSchnell": "flux1", "FluxInpaint": "flux1",
-                    "Flux2": "flux2", "SD3": "sd3", "SD35": "sd3", "ZImage": "zimage", "QwenImage": "qwenimage"}
+                    "Chroma": "chroma", "Flux2": "flux2", "SD3": "sd3", "SD35": "sd3", "ZImage": "zimage",
+                    "QwenImage": "qwenimage"}
 CLIP_COMPONENTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 # ComfyUI's text-encoder heads per transformer family → our components (docs/names-and-blocks.md#names);
 # a family's language-model encoder is whichever head it has.

@@ -27,6 +27,10 @@ COMFY_CONFIGS = {
                        "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2,
                        "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000,
                        "qkv_bias": True, "patch_size": 1}),
+    "chroma": ("Chroma", {"image_model": "chroma", "in_channels": 4, "out_channels": 4, "context_in_dim": 32,
+                          "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+                          "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 1, "qkv_bias": True, "in_dim": 8,
+                          "out_dim": 32, "hidden_dim": 32, "n_layers": 2}),
     "qwenimage": ("QwenImage", {"image_model": "qwen_image", "patch_size": 2, "in_channels": 16, "out_channels": 4,
                                 "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
                                 "joint_attention_dim": 16, "axes_dims_rope": (4, 6, 6)}),
@@ -37,6 +41,9 @@ COMFY_CONFIGS = {
                                                 "params": {"in_features": 32, "out_features": 128}},
                     "qk_norm": "rms", "x_block_self_attn_layers": [0], "input_size": None}),
 }
+# Layers ComfyUI's native loader does not map in one naming (its Chroma map is Flux's, without the
+# modulation approximator's diffusers names; docs/names-and-blocks.md#names)
+NATIVE_GAPS = {("chroma", "diffusers"): "diffusion_model.distilled_guidance_layer."}
 # diffusers twins whose shapes differ from tiny_models.TRANSFORMER_CONFIGS
 TWIN_CONFIGS = {"sd3": {"attention_head_dim": 64, "num_attention_heads": 2, "caption_projection_dim": 128}}
 
@@ -156,8 +163,13 @@ def test_equals_comfyuis_native_loader(comfy, family, variant, naming):
     pristine = build_comfy(family).model.state_dict()
     changed = [k for k in ours_state if not torch.equal(ours_state[k], pristine[k])]
     assert len(changed) >= 20
+    gap = NATIVE_GAPS.get((family, naming))
     for key in ours_state:
+        if gap and key.startswith(gap):  # ComfyUI has no diffusers name for these: it leaves them
+            assert torch.equal(native_state[key], pristine[key]), key
+            continue
         assert_close(ours_state[key], native_state[key], key)
+    assert not gap or any(k.startswith(gap) for k in changed)  # and ours applies them
     ours.unpatch_model()
     for key, value in pristine.items():
         assert torch.equal(ours.model.state_dict()[key], value), key

@@ -159,7 +159,7 @@ def test_unmatched_names_get_a_guessed_block(sdxl):
     assert report.outcomes[0].status == "unmatched" and report.outcomes[0].block == "IN04"
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd1", "flux1", "flux2", "sd3", "zimage", "qwenimage"])
+@pytest.mark.parametrize("family", ["sdxl", "sd1", "flux1", "chroma", "flux2", "sd3", "zimage", "qwenimage"])
 def test_layout_tables_equal_the_models(family):
     """``layouts/<family>.json`` (what ``lohakr info`` reads, no torch) resolves every name to the
     same component, shape and block as the live model built from the same config."""

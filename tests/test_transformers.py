@@ -17,8 +17,8 @@ from lohakr.loaders.families import FAMILIES
 from lohakr.loaders.names import ModelLayout, patchable_layers
 
 FAMILY_IDS = list(tiny_models.TRANSFORMER_CONFIGS)
-PIPELINES = {"flux1": "FluxPipeline", "flux2": "Flux2Pipeline", "sd3": "StableDiffusion3Pipeline",
-             "zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}
+PIPELINES = {"flux1": "FluxPipeline", "chroma": "ChromaPipeline", "flux2": "Flux2Pipeline",
+             "sd3": "StableDiffusion3Pipeline", "zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}
 VARIANTS = ["loha", "loha_dora_out", "lokr", "lokr_f4", "lokr_both", "lokr_full", "lokr_dora_out"]
 
 
@@ -115,7 +115,7 @@ def original_model(family: str, transformer: torch.nn.Module) -> tuple[torch.nn.
     return root, parts_of
 
 
-@pytest.mark.parametrize("family", ["flux1", "flux2", "sd3", "zimage"])
+@pytest.mark.parametrize("family", ["flux1", "chroma", "flux2", "sd3", "zimage"])
 @pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_f4", "lokr_full", "lokr_dora_out", "loha_dora_out"])
 @pytest.mark.parametrize("style", ["lora_unet_", "diffusion_model."])
 def test_original_fused_names_on_split_diffusers_layers(tmp_path, family, variant, style):
@@ -214,7 +214,7 @@ def _original_state_dict(family: str, transformer) -> dict:
     return checkpoint
 
 
-@pytest.mark.parametrize("family, converter", [
+@pytest.mark.parametrize("family, converter", [  # Flux.1's and Chroma's converters hardcode full-size widths
     ("flux2", "convert_flux2_transformer_checkpoint_to_diffusers"),
     ("sd3", "convert_sd3_transformer_checkpoint_to_diffusers"),
     ("zimage", "convert_z_image_transformer_checkpoint_to_diffusers"),
@@ -239,6 +239,7 @@ def test_family_tables_agree_with_diffusers_single_file_converters(family, conve
 @pytest.mark.parametrize("family, blocks", [
     ("flux1", ["TE1", "DOUBLE00", "DOUBLE01", "SINGLE00", "SINGLE01", "OTHER"]),
     ("flux2", ["DOUBLE00", "DOUBLE01", "SINGLE00", "SINGLE01", "OTHER"]),
+    ("chroma", ["DOUBLE00", "DOUBLE01", "SINGLE00", "SINGLE01", "OTHER"]),
     ("sd3", ["JOINT00", "JOINT01", "OTHER"]),
     ("zimage", ["LAYER00", "LAYER01", "NREF00", "CREF00", "OTHER"]),
     ("qwenimage", ["LAYER00", "LAYER01", "OTHER"]),

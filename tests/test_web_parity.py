@@ -21,7 +21,7 @@ SPECS = ["", "ALL", "NONE", "INALL", "MIDALL", "OUTALL", "INS", "IND", "MIDD", "
          ",".join(["1"] * 35)]
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd1", "flux1", "flux2", "sd3", "zimage", "qwenimage"])
+@pytest.mark.parametrize("family", ["sdxl", "sd1", "flux1", "chroma", "flux2", "sd3", "zimage", "qwenimage"])
 def test_js_and_python_block_weights_agree(family):
     if not shutil.which("node"):
         pytest.skip("node is not installed")

@@ -9,13 +9,14 @@ export const LAYOUTS = {
   sdxl: ["TE1", "TE2", ...range("IN", 9), "M00", ...range("OUT", 9), "OTHER"],
   sd1: ["TE", ...range("IN", 12), "M00", ...range("OUT", 12), "OTHER"],
   flux1: ["TE1", "TE2", ...range("DOUBLE", 19), ...range("SINGLE", 38), "OTHER"],
+  chroma: ["TE", ...range("DOUBLE", 19), ...range("SINGLE", 38), "OTHER"],
   flux2: [...range("DOUBLE", 8), ...range("SINGLE", 48), "OTHER"],
   sd3: ["TE1", "TE2", "TE3", ...range("JOINT", 38), "OTHER"],
   zimage: [...range("LAYER", 30), ...range("NREF", 2), ...range("CREF", 2), "OTHER"],
   qwenimage: [...range("LAYER", 60), "OTHER"],
 };
 LAYOUTS.sd2 = LAYOUTS.sd1;
-export const FAMILY_NAMES = { sdxl: "SDXL", sd1: "SD1.5", sd2: "SD2.x", flux1: "Flux.1", flux2: "Flux.2",
+export const FAMILY_NAMES = { sdxl: "SDXL", sd1: "SD1.5", sd2: "SD2.x", flux1: "Flux.1", chroma: "Chroma", flux2: "Flux.2",
   sd3: "SD3/SD3.5", zimage: "Z-Image", qwenimage: "Qwen-Image" };
 
 // A1111 lora-block-weight vectors (BLOCKID12/20/17/26): BASE = the text encoders.
