@@ -47,7 +47,7 @@ def _convert(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.file)
     family = _family(args.model, [adapter])
     conversion = convert_adapter(adapter, _layout(family), _rank(args.rank), args.max_error, args.dtype)
-    out = _write_atomically(conversion, args.output, [adapter.source])
+    out = conversion.write(args.output, [adapter.source])
     print(f"{adapter.source} -> {out} ({_style(family)}, {family})")
     print(format_conversion(conversion))
     return 0
@@ -64,7 +64,7 @@ def _merge(args: argparse.Namespace) -> int:
     adapters = [(load_adapter(spec.path), spec.strength) for spec in specs]
     family = _family(args.model, [a for a, _ in adapters])
     merged = merge_adapters(adapters, _layout(family), _rank(args.rank), args.max_error, args.dtype)
-    out = _write_atomically(merged, args.output, [a.source for a, _ in adapters])
+    out = merged.write(args.output, [a.source for a, _ in adapters])
     print(f"{len(adapters)} adapters -> {out} ({_style(family)}, {family}; load it at strength 1 for the stack)")
     print(format_conversion(merged))
     return 0
@@ -95,29 +95,6 @@ def _rank(rank: str) -> int | str:
         return int(rank)
     except ValueError:
         raise LohakrError(f"--rank {rank!r}: give 'exact' or a positive integer") from None
-
-
-def _write_atomically(conversion, output: str, inputs: list[str]) -> str:
-    """The converted tensors written beside ``output``, then renamed: a killed run leaves no partial
-    file; refuses to overwrite an input."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    out = os.path.abspath(output)
-    if out in {os.path.abspath(path) for path in inputs}:
-        which = "the input" if len(inputs) == 1 else "one of the inputs"
-        raise LohakrError(f"{out}: the output would overwrite {which}; choose another path")
-    handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=os.path.dirname(out))
-    os.close(handle)
-    try:
-        save_file(conversion.tensors, temporary, conversion.metadata)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return out
 
 
 def _bake(args: argparse.Namespace) -> int:

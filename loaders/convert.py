@@ -282,6 +282,28 @@ class FileConversion:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def write(self, output: str, inputs: list[str]) -> str:
+        """The tensors written beside ``output``, then renamed into place: a killed run leaves no
+        partial file. Refuses to overwrite an input. Returns the absolute path."""
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        out = os.path.abspath(output)
+        if out in {os.path.abspath(path) for path in inputs}:
+            which = "the input" if len(inputs) == 1 else "one of the inputs"
+            raise LohakrError(f"{out}: the output would overwrite {which}; choose another path")
+        handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=os.path.dirname(out))
+        os.close(handle)
+        try:
+            save_file(self.tensors, temporary, self.metadata)
+            os.replace(temporary, out)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        return out
+
 
 def kohya_name(module_name: str, target, family: str) -> str:
     """The module's name in a kohya LoRA file: kept when it is one already, else built from the layer."""
@@ -303,18 +325,6 @@ def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float
     ``lora_B``). A conv's ``down`` is ``(R, I, k…)``, its ``up`` ``(O, R, 1…)``. Refuses DoRA modules
     (a DoRA update depends on the base weights) and modules that do not apply (``plan_load``'s refusals)."""
     return merge_adapters([(adapter, 1.0)], layout, rank, max_error, dtype)
-
-
-def _plan_without_dora(adapter, layout, why: str):
-    """``plan_load`` of ``adapter``, refusing DoRA modules: their update depends on the base weights."""
-    from .plan import plan_load
-
-    plan = plan_load(adapter, layout)
-    dora = [m.module.name for m in plan.matches if m.module.dora]
-    if dora:
-        raise LohakrError(f"{adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update depends "
-                          f"on the base model's weights, so it {why}. Bake it into the checkpoint instead")
-    return plan
 
 
 def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion, shape: tuple[int, ...],
@@ -345,11 +355,18 @@ def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion,
 
 
 def lora_name(module_name: str, target, family: str) -> str:
-    """The module's name in the written LoRA: kohya's for SDXL/SD1.5 (``kohya_name``), else the
-    diffusers/PEFT path with its component (``transformer.transformer_blocks.0.attn.to_q``)."""
-    if family in FAMILIES:
-        return f"{target.component}.{target.path}"
-    return kohya_name(module_name, target, family)
+    """The module's name in the written LoRA: kohya's for SDXL/SD1.5 (``kohya_name``); for a
+    transformer, the diffusers/PEFT path with its component (``transformer.transformer_blocks.0.attn.to_q``),
+    or on ComfyUI's own layout its state-dict name (``diffusion_model.double_blocks.0.img_attn.qkv``,
+    ``text_encoders.clip_l.transformer.…``), which ComfyUI's loader reads back."""
+    if family not in FAMILIES:
+        return kohya_name(module_name, target, family)
+    host = (target.host_key or "").removesuffix(".weight")
+    if host.startswith("diffusion_model."):
+        return host
+    if host:
+        return f"text_encoders.{host}"
+    return f"{target.component}.{target.path}"
 
 
 def _dominant_dtype(adapter) -> torch.dtype:
@@ -412,29 +429,65 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
     ``max_error`` asks for less, a truncated SVD of that sum (from the factors: QR and an R×R SVD),
     the error reported. Every adapter goes through ``plan_load`` first (a file for another base
     model is refused, as in a load); DoRA modules are refused (their update depends on the base)."""
+    from .plan import plan_load
+
+    single = len(adapters) == 1 and adapters[0][1] == 1.0  # convert: one file, its own names
+    why = "has no LoRA form on its own" if single else "cannot be merged into a LoRA"
+    plans = [MergeItem(adapter, refuse_dora(plan_load(adapter, layout), why), lambda match, s=float(strength): s,
+                       float(strength)) for adapter, strength in adapters]
+    return merge_plans(plans, layout, rank, max_error, dtype, single=single)
+
+
+@dataclass
+class MergeItem:
+    """One adapter of a merge: its plan on the layout, and the strength of each of its matches
+    (a number, or per component and block as a host composes it)."""
+
+    adapter: object
+    plan: object  # LoadPlan
+    strength_of: object  # Callable[[Match], float]
+    strength: float | dict = 1.0  # as recorded in the metadata
+
+
+def refuse_dora(plan, why: str):
+    """``plan`` unless it has DoRA modules: their update depends on the base model's weights."""
+    dora = [m.module.name for m in plan.matches if m.module.dora]
+    if dora:
+        raise LohakrError(f"{plan.adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update depends "
+                          f"on the base model's weights, so it {why}. Bake it into the checkpoint instead")
+    return plan
+
+
+@torch.no_grad()
+def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_error: float | None = None,
+                dtype: str | None = None, *, single: bool = False) -> FileConversion:
+    """The planned adapters as one LoRA: per layer the sum of every match at its strength
+    (``merge_adapters``; ComfyUI's save node passes strengths per component and block)."""
     if dtype is not None and dtype not in DTYPES:
         raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
-    single = len(adapters) == 1 and adapters[0][1] == 1.0  # convert: one file, its own names
     per_layer: dict[str, list] = {}
     targets, names, sources, skipped = {}, {}, {}, []
-    for adapter, strength in adapters:
-        plan = _plan_without_dora(adapter, layout, "has no LoRA form on its own" if single
-                                  else "cannot be merged into a LoRA")
-        for match in plan.matches:
-            per_layer.setdefault(match.target.key, []).append((match.module, float(strength)))
+    for item in items:
+        for match in item.plan.matches:
+            strength = float(item.strength_of(match))
+            if strength == 0:
+                continue
+            per_layer.setdefault(match.target.key, []).append((match.module, strength))
             targets[match.target.key] = match.target
             names.setdefault(match.target.key, lora_name(match.module.name, match.target, layout.family))
             sources.setdefault(match.target.key, match.module.name)
-        prefix = "" if single else f"{adapter.name}: "
-        skipped += [f"{prefix}{o.module} [{o.status}] {o.reason}" for o in plan.report.not_applied]
-    stored = DTYPES[dtype] if dtype else _dominant_dtype(adapters[0][0])
+        prefix = "" if single else f"{item.adapter.name}: "
+        skipped += [f"{prefix}{o.module} [{o.status}] {o.reason}" for o in item.plan.report.not_applied]
+    if not per_layer:
+        raise LohakrError("nothing to write: no module applies at a non-zero strength")
+    stored = DTYPES[dtype] if dtype else _dominant_dtype(items[0].adapter)
     conversions = {key: _layer_conversion(contributions, tuple(targets[key].weight_shape), rank, max_error)
                    for key, contributions in per_layer.items()}
     ranks = [c.rank for c in conversions.values()]
     # kohya: one alpha for the whole file, the most common rank; consumers scale by alpha/rank, so
     # each module's up carries rank/alpha. With one alpha, a loader needs no per-module alpha pattern
     # (diffusers builds those from CLIP paths that transformers 5 renamed, and then ignores them).
-    alpha = None if layout.family in FAMILIES else (max(set(ranks), key=ranks.count) if ranks else 1)
+    alpha = None if layout.family in FAMILIES else max(set(ranks), key=ranks.count)
     tensors: dict[str, Tensor] = {}
     lines: list[ModuleConversion] = []
     for key, conversion in conversions.items():
@@ -446,9 +499,9 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
         lines.append(ModuleConversion(sources[key] if single else key, names[key], conversion.method,
                                       conversion.rank, achieved))
     if single:
-        metadata = _conversion_metadata(adapters[0][0], lines, rank, max_error, stored)
+        metadata = _conversion_metadata(items[0].adapter, lines, rank, max_error, stored)
     else:
-        metadata = _merge_metadata(adapters, lines, rank, max_error, stored)
+        metadata = _merge_metadata(items, lines, rank, max_error, stored)
     return FileConversion(tensors, metadata, lines, skipped)
 
 
@@ -466,16 +519,18 @@ def _layer_conversion(contributions: list[tuple[LayerUpdate, float]], shape: tup
     return _truncated(*_svd_of_factors(summed, shape), rank, max_error)
 
 
-def _merge_metadata(adapters, lines: list[ModuleConversion], rank, max_error, dtype: torch.dtype) -> dict[str, str]:
+def _merge_metadata(items: list[MergeItem], lines: list[ModuleConversion], rank, max_error,
+                    dtype: torch.dtype) -> dict[str, str]:
     import json
 
-    first = adapters[0][0]
+    first = items[0].adapter
     kept = {k: v for k, v in first.metadata.raw.items() if k.startswith("modelspec.") or k in KEPT_METADATA[:2]}
     return {
         **kept,
         "ss_network_module": "networks.lora",
         "lohakr_merge": json.dumps({
-            "sources": [{"name": a.name, "sha256": _sha256(a.source), "strength": s} for a, s in adapters],
+            "sources": [{"name": i.adapter.name, "sha256": _sha256(i.adapter.source), "strength": i.strength,
+                         "block_weights": i.plan.block_weights.spec} for i in items],
             "rank": rank, "max_error": max_error, "dtype": str(dtype).removeprefix("torch."),
             "modules": {line.name: {"method": line.method, "rank": line.rank, "error": line.error} for line in lines},
         }),

@@ -271,6 +271,35 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
     return new_model, new_clip, reports
 
 
+def save_stack_as_lora(model: Any, clip: Any | None, items: Iterable[StackItem], output: str,
+                       rank: int | str = "exact", max_error: float | None = None, dtype: str | None = None):
+    """The stack, at its strengths and block weights, as one LoRA file at ``output`` (written
+    atomically; ``convert.merge_plans``): exact where the summed ranks allow, else SVD at ``rank`` or
+    ``max_error``. Returns the ``FileConversion`` (per module its method, rank and error). The same
+    refusals as a load, before anything is written; DoRA modules are refused (their update depends
+    on the base weights)."""
+    from ..loaders.convert import MergeItem, merge_plans, refuse_dora
+
+    items = [item for item in items if item.strength_model != 0 or item.strength_clip != 0]
+    if not items:
+        raise LohakrError("the stack is empty (or every strength is 0): nothing to save")
+    layout = comfy_layout(model, clip)
+    merged = []
+    for item in items:
+        strengths = {"unet": item.strength_model, "transformer": item.strength_model,
+                     "text_encoder": item.strength_clip, "text_encoder_2": item.strength_clip,
+                     "text_encoder_3": item.strength_clip}
+        plan = plan_load(adapter_cache.load(item.path), layout, name=item.name, block_weights=item.block_weights,
+                         strengths={"model": item.strength_model, "clip": item.strength_clip})
+        plan = refuse_dora(plan, "cannot be saved as a LoRA")
+        strength_of = functools.partial(composed_strength, strengths, plan.block_weights)
+        merged.append(MergeItem(plan.adapter, plan, strength_of, {"model": item.strength_model,
+                                                                  "clip": item.strength_clip}))
+    conversion = merge_plans(merged, layout, rank, max_error, dtype)
+    conversion.write(output, [item.path for item in items])
+    return conversion
+
+
 def _patch_groups(item: StackItem, plan: LoadPlan, sides: set[str], host_weights: dict[str, torch.Tensor],
                   on_weight: dict[str, list[tuple[LayerUpdate, float]]]) -> dict[tuple[bool, float], dict[str, Any]]:
     """One stack item's patch values, grouped by (CLIP side, strength) as ``add_patches`` takes them;

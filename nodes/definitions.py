@@ -23,8 +23,9 @@ bridge = lazy_module(".comfy_bridge", __package__)  # torch and comfy: imported 
 CATEGORY = "loaders/lohakr"
 STRENGTH = dict(default=1.0, minimum=-100.0, maximum=100.0, step=0.01)
 BLOCK_WEIGHTS_TIP = ("Per-block strengths. Empty = all 1. An A1111 lora-block-weight vector (12 or 20 values "
-                     "for SDXL, 17 or 26 for SD1.5), a preset (ALL, NONE, INALL, MIDALL, OUTALL, INS, IND, MIDD, "
-                     "OUTD, OUTS) or named values such as 'IN04=0.5, OUT=0, TE2=0'.")
+                     "for SDXL, 17 or 26 for SD1.5; for transformers BASE then every block), a preset (ALL, NONE, "
+                     "INALL, MIDALL, OUTALL, INS, IND, MIDD, OUTD, OUTS) or named values such as "
+                     "'IN04=0.5, OUT=0, TE2=0' or 'DOUBLE=0.5, SINGLE03=0'.")
 LORA_TIP = "A LoHa/LoKr (or any LyCORIS) .safetensors file from your loras folder."
 BASE_MISMATCH_TIP = ("Apply the adapter even though it says it was trained for another base model (header, key "
                      "names or shapes), patching only the layers that fit. Off: such a file is refused.")
@@ -170,6 +171,48 @@ def run_apply_stack(model, lora_stack, clip=None, allow_base_mismatch=False):
     return (new_model, new_clip), report_ui(reports)
 
 
+def run_save_lora(model, lora_stack, filename, rank="exact", max_error=0.0, dtype="fp16", clip=None):
+    from ..loaders.convert import format_conversion
+
+    rank_value = rank.strip().lower() or "exact"
+    if rank_value != "exact":
+        try:
+            rank_value = int(rank_value)
+        except ValueError:
+            raise LohakrError(f"rank {rank!r}: give 'exact' or a positive integer") from None
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise LohakrError(f"dtype {dtype!r}: choose fp16, bf16 or fp32")
+    output = save_path(filename)
+    conversion = bridge.save_stack_as_lora(model, clip, stack_items(lora_stack), output, rank_value,
+                                           max_error or None, dtype)
+    report = format_conversion(conversion)
+    text = f"saved {os.path.basename(output)} in {os.path.dirname(output)}\n{report}"
+    saved = json.dumps({"file": os.path.relpath(output, loras_root()), "report": report})
+    return (text,), {"text": [text], "lohakr_saved": [saved]}
+
+
+def loras_root() -> str:
+    import folder_paths
+
+    return os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+
+
+def save_path(filename: str) -> str:
+    """A new file in the first loras folder: ``<filename>.safetensors``, or with ``_2``, ``_3``… when
+    that exists (nothing is overwritten). Subfolders are allowed; leaving the folder is not."""
+    root = loras_root()
+    stem = (filename or "").strip().removesuffix(".safetensors") or "lohakr_merged"
+    base = os.path.realpath(os.path.join(root, stem))
+    if os.path.commonpath([root, base]) != root:
+        raise LohakrError(f"{filename}: the file must stay inside the loras folder {root}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    path, number = base + ".safetensors", 1
+    while os.path.exists(path):
+        number += 1
+        path = f"{base}_{number}.safetensors"
+    return path
+
+
 def run_info(lora_name, model=None, clip=None):
     adapter = adapter_cache.load(lora_path(lora_name))
     description = describe_adapter(adapter)
@@ -231,6 +274,24 @@ NODES: list[NodeSpec] = [
          Param("allow_base_mismatch", "BOOLEAN", BASE_MISMATCH_TIP, optional=True, default=False)],
         [("MODEL", "MODEL", "The patched model."), ("CLIP", "CLIP", "The patched text encoder(s).")],
         run_apply_stack, file_inputs=(),
+    ),
+    NodeSpec(
+        "LohakrSaveLora", "Save stack as LoRA (lohakr)",
+        "Write a LORA_STACK (LoHa, LoKr and LoRA files at their strengths and block weights) as one LoRA file in "
+        "your loras folder: exact where the ranks allow, else SVD at a rank or error; reports each module's method, "
+        "rank and error. Load it at strength 1 for the stack.",
+        [Param("model", "MODEL", "The model the stack is for: its layers name the LoRA's modules."),
+         Param("lora_stack", "LORA_STACK", "The adapters to save as one, in order."),
+         Param("filename", "STRING", "File name in the loras folder, without .safetensors (subfolders allowed; "
+               "an existing file is never overwritten: _2, _3… are added).", default="lohakr/merged"),
+         Param("rank", "STRING", "'exact' (every module exactly, at the summed rank) or the largest rank to "
+               "store; a module whose exact rank is larger gets a truncated SVD.", default="exact"),
+         Param("max_error", "FLOAT", "With SVD: the smallest rank whose relative Frobenius error is at most this "
+               "(0 = off: use the rank).", default=0.0, minimum=0.0, maximum=0.5, step=0.001),
+         Param("dtype", "STRING", "Stored dtype: fp16, bf16 or fp32.", default="fp16"),
+         Param("clip", "CLIP", "The text encoder(s), to save their modules too (optional).", optional=True)],
+        [("STRING", "report", "What was written: per module the method, rank and error.")],
+        run_save_lora, output_node=True, file_inputs=(),
     ),
     NodeSpec(
         "LohakrInfo", "LoHa / LoKr info (lohakr)",

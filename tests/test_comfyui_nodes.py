@@ -359,3 +359,24 @@ def test_a_converted_lora_loads_in_comfyuis_lora_loader_to_our_weights(comfy, va
     assert len(changed) > 50
     for key in ours:
         assert_close(theirs[key], ours[key], key)
+
+
+def test_the_save_node_writes_an_sdxl_stack_that_comfyuis_lora_loader_loads_to_the_stacks_weights(comfy):
+    """A LoHa and a LoKr on MODEL and CLIP at different strengths and block weights, saved as one exact
+    kohya LoRA by our node; ComfyUI's LoraLoader at strength 1 gives our stack's weights."""
+    import nodes as comfy_nodes
+    from lohakr.nodes.definitions import StackEntry, run_apply_stack, run_save_lora
+
+    loras, _ = comfy
+    stack = [StackEntry(make_file(loras, "loha"), 0.8, 0.5, "IN04=0"),
+             StackEntry(make_file(loras, "lokr", name="lokr_b", seed=3), -0.6, 1.2)]
+    model, clip = build_tiny_sdxl()
+    (text,), _ = run_save_lora(model, stack, "saved/sdxl_stack", "exact", 0.0, "fp32", clip=clip)
+    assert "exact" in text
+    (ours_model, ours_clip), _ = run_apply_stack(model, stack, clip=clip)
+    native_model, native_clip = comfy_nodes.LoraLoader().load_lora(model, clip, "saved/sdxl_stack.safetensors", 1.0,
+                                                                   1.0)
+    ours, native = loaded_state(ours_model, ours_clip), loaded_state(native_model, native_clip)
+    assert len([k for k in ours if not torch.equal(ours[k], build_state(k))]) > 50
+    for key in ours:
+        assert_close(native[key], ours[key], key)

@@ -14,7 +14,7 @@ require_comfyui()
 
 from comfy_server import comfy_server  # noqa: E402
 
-NODE_IDS = {"LohakrLoader", "LohakrLoaderModelOnly", "LohakrStack", "LohakrApplyStack", "LohakrInfo"}
+NODE_IDS = {"LohakrLoader", "LohakrLoaderModelOnly", "LohakrStack", "LohakrApplyStack", "LohakrSaveLora", "LohakrInfo"}
 
 
 def graph(lora: str, strength: float, dump: str, latent: str) -> dict:

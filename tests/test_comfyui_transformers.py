@@ -251,3 +251,46 @@ def test_a_converted_lora_loads_in_comfyuis_native_loader_to_our_weights(comfy, 
     assert len([k for k in ours_state if not torch.equal(ours_state[k], pristine[k])]) >= 20
     for key in ours_state:
         assert_close(native_state[key], ours_state[key], key)
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_the_save_node_writes_the_stack_as_one_lora_that_comfyui_loads_to_the_stacks_weights(comfy, family):
+    """Two adapters (original and diffusers names) at their strengths and block weights, saved by
+    our node as one exact LoRA in ComfyUI's own names; ComfyUI's native loader at strength 1 gives
+    the weights our stack gives."""
+    import nodes as comfy_nodes
+    from lohakr.nodes.definitions import StackEntry, run_apply_stack, run_save_lora
+
+    first = original_named_file(comfy, family, "lokr_f4")
+    second = diffusers_named_file(comfy, family, "loha")
+    stack = [StackEntry(first, 0.7, 1.0, "OTHER=0"), StackEntry(second, -0.4, 1.0)]
+    model = build_comfy(family)
+    (text,), ui = run_save_lora(model, stack, f"saved/{family}", "exact", 0.0, "fp32")
+    assert "exact" in text and f"saved/{family}.safetensors".split("/")[-1] in text
+    (again,), _ = run_save_lora(model, stack, f"saved/{family}", "exact", 0.0, "fp32")
+    assert f"{family}_2.safetensors" in again  # never overwritten
+    (ours, _), _ = run_apply_stack(model, stack)
+    (native,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"saved/{family}.safetensors", 1.0)
+    ours_state, native_state = loaded(ours), loaded(native)
+    pristine = build_comfy(family).model.state_dict()
+    assert len([k for k in ours_state if not torch.equal(ours_state[k], pristine[k])]) >= 20
+    for key in ours_state:
+        assert_close(native_state[key], ours_state[key], key)
+
+
+def test_the_save_node_refuses_before_writing(comfy):
+    """A name outside the loras folder, an empty stack and a DoRA file are refused; nothing is written."""
+    from lohakr.loaders.errors import LohakrError
+    from lohakr.nodes.definitions import StackEntry, run_save_lora
+
+    model = build_comfy("flux1")
+    plain = diffusers_named_file(comfy, "flux1", "lokr")
+    dora = diffusers_named_file(comfy, "flux1", "lokr_dora_out")
+    before = sorted(p.name for p in comfy.rglob("*"))
+    with pytest.raises(LohakrError, match="inside the loras folder"):
+        run_save_lora(model, [StackEntry(plain, 1.0, 1.0)], "../outside")
+    with pytest.raises(LohakrError, match="nothing to save"):
+        run_save_lora(model, [StackEntry(plain, 0.0, 0.0)], "empty")
+    with pytest.raises(LohakrError, match="DoRA"):
+        run_save_lora(model, [StackEntry(dora, 1.0, 1.0)], "dora")
+    assert sorted(p.name for p in comfy.rglob("*")) == before

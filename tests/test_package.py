@@ -12,7 +12,8 @@ def test_import_is_light_and_registers_classic_nodes_outside_comfyui():
             "if m in sys.modules]; "
             "print(heavy, sorted(lohakr.NODE_CLASS_MAPPINGS), lohakr.WEB_DIRECTORY)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    nodes = ["LohakrApplyStack", "LohakrInfo", "LohakrLoader", "LohakrLoaderModelOnly", "LohakrStack"]
+    nodes = ["LohakrApplyStack", "LohakrInfo", "LohakrLoader", "LohakrLoaderModelOnly", "LohakrSaveLora",
+             "LohakrStack"]
     assert out.startswith(f"[] {nodes}")
     assert "./web" in out
 

@@ -7,7 +7,8 @@ import * as core from "./lohakr_core.js";
 const CARD_NODES = ["LohakrLoader", "LohakrLoaderModelOnly", "LohakrStack", "LohakrInfo"];
 const REPORT_NODES = ["LohakrLoader", "LohakrLoaderModelOnly", "LohakrApplyStack", "LohakrInfo"];
 const EDITOR_NODES = ["LohakrLoader", "LohakrLoaderModelOnly", "LohakrStack"];
-const ALL_NODES = [...new Set([...CARD_NODES, ...REPORT_NODES, ...EDITOR_NODES])];
+const SAVE_NODES = ["LohakrSaveLora"];
+const ALL_NODES = [...new Set([...CARD_NODES, ...REPORT_NODES, ...EDITOR_NODES, ...SAVE_NODES])];
 
 // Styling follows the frontend's own CSS variables (both the classic canvas and the Vue "Nodes 2.0"
 // renderer define them), so the panels take the theme's colours.
@@ -248,6 +249,13 @@ function renderStrip(report) {
     strip.append(row);
   }
   return strip;
+}
+
+/** The save node's result: the file written, then per module how it was converted (worst errors first). */
+function renderSaved(node, saved) {
+  const element = node.lohakrSaved ?? (node.lohakrSaved = addPanel(node, "lohakr_saved", "report"));
+  element.replaceChildren(el("div", { className: "lohakr-status", textContent: `saved ${saved.file}` }));
+  for (const line of saved.report.split("\n")) element.append(el("div", { textContent: line }));
 }
 
 function renderReports(node, reports) {
@@ -531,6 +539,7 @@ app.registerExtension({
       const result = executed?.apply(this, arguments);
       try {
         if (message?.lohakr_report?.[0]) renderReports(this, JSON.parse(message.lohakr_report[0]));
+        if (message?.lohakr_saved?.[0]) renderSaved(this, JSON.parse(message.lohakr_saved[0]));
         if (message?.lohakr_info?.[0]) {
           const data = JSON.parse(message.lohakr_info[0]);
           if (data.coverage && !data.coverage.error) renderReports(this, [{ ...data.coverage, adapter: data.adapter.name }]);
