@@ -1,5 +1,5 @@
-"""``lohakr bake``: adapters merged into a copy of a diffusers model folder, tensor by tensor
-(docs/architecture.md#baking).
+"""``lohakr bake``: adapters merged into a copy of a diffusers model folder or of an SD1.x/SDXL
+single-file checkpoint, tensor by tensor (docs/architecture.md#baking).
 
 The base is never loaded as a model: its components are built on the meta device from their
 configs (for the layout: names, shapes, blocks), every adapter is planned against that layout as a
@@ -14,6 +14,7 @@ leaves no partial output, and the base is never written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -88,22 +89,74 @@ class BakeResult:
 def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output: str | os.PathLike, *,
          strict: bool = False, allow_base_mismatch: bool = False,
          progress: Callable[[Iterable, int], Iterable] | None = None) -> BakeResult:
-    """Bake ``adapters`` into a copy of the diffusers model folder ``base``, written to ``output``
-    (a folder that must not exist yet). Raises before writing anything if an adapter does not fit
-    (the same refusals as ``pipe.load_lycoris``) or would write NaN/inf."""
+    """Bake ``adapters`` into a copy of ``base``, written to ``output`` (which must not exist yet):
+    a diffusers model folder (unet/, text_encoder/… : a folder out), or an SD1.x/SDXL single-file
+    checkpoint with original SGM keys (a file out, in the same keys). Raises before writing anything
+    if an adapter does not fit (the same refusals as ``pipe.load_lycoris``) or would write NaN/inf."""
     started = time.perf_counter()
     base_path, out_path = Path(base).resolve(), Path(output).resolve()
-    if not base_path.is_dir():
-        raise LohakrError(f"{base_path}: bake reads a diffusers model folder (unet/, text_encoder/…); "
-                          "single-file checkpoints are not supported yet")
+    if not base_path.exists():
+        raise LohakrError(f"{base_path}: no such model folder or checkpoint file")
     if out_path == base_path or base_path in out_path.parents:
         raise LohakrError(f"{out_path}: the output would be written into the base model {base_path}; "
                           "choose another path")
     if out_path.exists():
-        raise LohakrError(f"{out_path}: already exists; bake writes a new folder (remove it or choose another path)")
-    components = meta_components(base_path)
-    layout = ModelLayout.from_diffusers(**components)
-    sources = SourceIndex(components, {name: base_path / name for name in components})
+        kind = "folder" if base_path.is_dir() else "file"
+        raise LohakrError(f"{out_path}: already exists; bake writes a new {kind} (remove it or choose another path)")
+    if base_path.is_dir():
+        components = meta_components(base_path)
+        layout = ModelLayout.from_diffusers(**components)
+        sources = SourceIndex(components, {name: base_path / name for name in components})
+        files, locate = sources.files, sources.locate
+    else:
+        checkpoint = SafetensorsFile(base_path)
+        layout = ModelLayout.from_checkpoint({key: tuple(t.shape) for key, t in checkpoint.tensors.items()})
+        if not layout.targets:
+            raise LohakrError(f"{base_path}: no SD1.x/SDXL layers under the original checkpoint keys "
+                              "(model.diffusion_model.…); bake takes such a checkpoint or a diffusers model folder")
+        files, locate = [checkpoint], functools.partial(_checkpoint_tensor, checkpoint)
+    entries, reports = _plans(adapters, layout, strict, allow_base_mismatch)
+    index = contributions_by_layer(entries)
+    writes = _planned_writes(layout, locate, index)
+    _check_all(files, writes, index)  # every layer checked by the write guard before the first byte is written
+    result = BakeResult(str(out_path), reports)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    workspace = Workspace()
+    # One output buffer for every patched tensor, the largest's size: a new tensor per layer would
+    # be fresh memory each time (mapped and faulted in anew: several times slower than the writes).
+    largest = max((w.stored.stop - w.stored.start for keys in writes.values() for w in keys.values()), default=0)
+    scratch = torch.empty(largest, dtype=torch.uint8)
+    if base_path.is_file():
+        handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent)
+        os.close(handle)
+        try:
+            _write_file(files[0], Path(temporary), writes.get(files[0].path, {}), index, workspace, scratch, result,
+                        progress)
+            os.replace(temporary, out_path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        result.files.append(out_path.name)
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
+        try:
+            _copy_tree(base_path, staging, skip={Path(f.path) for f in files})
+            for file in files:
+                relative = Path(file.path).relative_to(base_path)
+                _write_file(file, staging / relative, writes.get(file.path, {}), index, workspace, scratch, result,
+                            progress)
+                result.files.append(str(relative))
+            os.replace(staging, out_path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _plans(adapters: Iterable[BakeAdapter | str], layout: ModelLayout, strict: bool,
+           allow_base_mismatch: bool) -> tuple[list[PatchedAdapter], list[LoadReport]]:
+    """Every adapter planned on ``layout`` as a live load plans it (the same refusals), in stack order."""
     entries, reports = [], []
     for order, spec in enumerate(adapters, 1):
         spec = BakeAdapter.parse(spec) if isinstance(spec, str) else spec
@@ -114,30 +167,15 @@ def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output:
                          strict=strict, allow_base_mismatch=allow_base_mismatch)
         entries.append(PatchedAdapter(name, plan.matches, plan.report, strengths, plan.block_weights, order))
         reports.append(plan.report)
-    index = contributions_by_layer(entries)
-    writes = _planned_writes(layout, sources, index)
-    _check_all(sources, writes, index)  # every layer checked by the write guard before the first byte is written
-    result = BakeResult(str(out_path), reports)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
-        _copy_tree(base_path, staging, skip={Path(f.path) for f in sources.files})
-        workspace = Workspace()
-        # One output buffer for every patched tensor, the largest's size: a new tensor per layer would
-        # be fresh memory each time (mapped and faulted in anew: several times slower than the writes).
-        largest = max((w.stored.stop - w.stored.start for keys in writes.values() for w in keys.values()), default=0)
-        scratch = torch.empty(largest, dtype=torch.uint8)
-        for file in sources.files:
-            relative = Path(file.path).relative_to(base_path)
-            _write_file(file, staging / relative, writes.get(file.path, {}), index, workspace, scratch, result,
-                        progress)
-            result.files.append(str(relative))
-        os.replace(staging, out_path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    result.seconds = time.perf_counter() - started
-    return result
+    return entries, reports
+
+
+def _checkpoint_tensor(checkpoint: SafetensorsFile, target: LayerTarget,
+                       parameter: str = "weight") -> tuple[SafetensorsFile, str] | None:
+    """A single-file checkpoint's tensor of a layer: its host key (``…weight``, OpenCLIP's
+    ``…in_proj_weight``), or the bias beside it."""
+    key = target.host_key if parameter == "weight" else target.host_key[:-len("weight")] + "bias"
+    return (checkpoint, key) if key in checkpoint.tensors else None
 
 
 def meta_components(folder: Path) -> dict[str, nn.Module]:
@@ -167,8 +205,8 @@ class _Write:
     stored: StoredTensor
 
 
-def _planned_writes(layout: ModelLayout, sources: SourceIndex, index: Mapping[str, list[Contribution]]
-                    ) -> dict[str, dict[str, _Write]]:
+def _planned_writes(layout: ModelLayout, locate: Callable[[LayerTarget, str], tuple[SafetensorsFile, str] | None],
+                    index: Mapping[str, list[Contribution]]) -> dict[str, dict[str, _Write]]:
     """Per base file, per key, the tensors to patch; a touched layer whose weight no file holds
     is an error (nothing is written)."""
     writes: dict[str, dict[str, _Write]] = {}
@@ -176,7 +214,7 @@ def _planned_writes(layout: ModelLayout, sources: SourceIndex, index: Mapping[st
         target = layout.targets[key]
         parameters = ["weight"] + (["bias"] if any(u.has_bias_delta for u, _ in contributions) else [])
         for parameter in parameters:
-            found = sources.locate(target, parameter)
+            found = locate(target, parameter)
             if found is None:
                 if parameter == "bias":
                     continue  # no bias in the model: reported at plan time, as in a live load
@@ -186,10 +224,10 @@ def _planned_writes(layout: ModelLayout, sources: SourceIndex, index: Mapping[st
     return writes
 
 
-def _check_all(sources: SourceIndex, writes: Mapping[str, Mapping[str, _Write]],
+def _check_all(files: list[SafetensorsFile], writes: Mapping[str, Mapping[str, _Write]],
                index: Mapping[str, list[Contribution]]) -> None:
     workspace = Workspace()
-    for file in sources.files:
+    for file in files:
         for key, write in writes.get(file.path, {}).items():
             if write.parameter == "weight":
                 original = file.view(key).view(write.target.weight_shape)

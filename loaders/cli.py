@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("files", nargs="+", metavar="FILE[:STRENGTH]", help="the adapters and their strengths")
     _lora_output_options(merge, "the first file's", "detected from the first file")
     merge.set_defaults(run=_merge)
-    bake = sub.add_parser("bake", help="adapters merged into a copy of a diffusers model folder, streamed")
-    bake.add_argument("base", help="a diffusers model folder (unet/, text_encoder/, text_encoder_2/)")
+    bake = sub.add_parser("bake", help="adapters merged into a copy of a diffusers model folder or an SD1.x/SDXL "
+                                       "single-file checkpoint, streamed")
+    bake.add_argument("base", help="a diffusers model folder (unet/, text_encoder/, text_encoder_2/) or a single-file "
+                                   "checkpoint with original keys (.safetensors)")
     bake.add_argument("--adapter", action="append", required=True, metavar="FILE[:STRENGTH[:BLOCKWEIGHTS]]",
                       help="an adapter to bake, at a strength (default 1) and block weights; repeat for a stack")
     bake.add_argument("--allow-base-mismatch", action="store_true",

@@ -232,6 +232,34 @@ class ModelLayout:
         return layout
 
 
+    @classmethod
+    def from_checkpoint(cls, keys: Mapping[str, tuple[int, ...]]) -> ModelLayout:
+        """The layout of an SD1.x/SDXL single-file checkpoint (original SGM keys, as A1111 and
+        ComfyUI load it) from its tensor shapes: the UNet under ``model.diffusion_model.``, CLIP-L
+        under ``cond_stage_model.transformer.`` (SD1) or ``conditioner.embedders.0.transformer.``
+        (SDXL), OpenCLIP bigG under ``conditioner.embedders.1.model.`` with its q/k/v fused into
+        ``in_proj_weight`` (docs/architecture.md#baking). Host keys are the checkpoint's keys."""
+        unet: dict[str, tuple[tuple[int, ...], str]] = {}
+        clip_l: dict[str, tuple[tuple[int, ...], str]] = {}
+        open_clip: dict[str, tuple[tuple[int, ...], str]] = {}
+        for key, shape in keys.items():
+            if len(shape) < 2:
+                continue
+            if key.startswith(CHECKPOINT_UNET) and key.endswith(".weight"):
+                unet[key[len(CHECKPOINT_UNET):-len(".weight")]] = (tuple(shape), key)
+            elif key.startswith(CHECKPOINT_CLIP_L) and key.endswith(".weight") and "embeddings." not in key:
+                clip_l[key.split(".transformer.", 1)[1][:-len(".weight")]] = (tuple(shape), key)
+            elif key.startswith(CHECKPOINT_OPEN_CLIP) and key.endswith("weight") and ".resblocks." in key:
+                open_clip[key[len(CHECKPOINT_OPEN_CLIP):]] = (tuple(shape), key)
+        width = next((shape[1] for path, (shape, _) in unet.items() if path.endswith("attn2.to_k")), None)
+        family = "sdxl" if open_clip else {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width, "unknown")
+        layout = cls.from_sgm(family, unet or None, {"text_encoder": clip_l} if clip_l else None)
+        for path, (shape, key) in open_clip.items():
+            _register_open_clip(layout, path, shape, key)
+        if open_clip and "TE2" not in layout.blocks:
+            layout.blocks.insert(layout.blocks.index("TE1") + 1 if "TE1" in layout.blocks else 0, "TE2")
+        return layout
+
     def to_table(self) -> dict:
         """The layout as data (no live layers): family, blocks, and per layer its component, path,
         weight shape, block and SGM path. ``from_table`` rebuilds every alias from it."""
@@ -259,6 +287,38 @@ class ModelLayout:
                 names = _text_encoder_names(component, path, TEXT_ENCODER_PREFIXES[(te_style, component)])
             layout.register(target, names)
         return layout
+
+
+CHECKPOINT_UNET = "model.diffusion_model."
+CHECKPOINT_CLIP_L = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+CHECKPOINT_OPEN_CLIP = "conditioner.embedders.1.model."
+# OpenCLIP bigG (SDXL's second text encoder in a single-file checkpoint) ↔ its transformers layers
+_OPEN_CLIP = re.compile(r"transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
+                        r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
+_OPEN_CLIP_LAYERS = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
+                     "mlp.c_proj.weight": "mlp.fc2"}
+
+
+def _register_open_clip(layout: ModelLayout, path: str, shape: tuple[int, ...], key: str) -> None:
+    """One OpenCLIP bigG layer of a checkpoint: its transformers names as aliases, or, for the fused
+    ``in_proj_weight``, q/k/v as thirds of its rows (docs/names-and-blocks.md#fused-and-split-layers).
+    Its ``text_projection`` is a transposed parameter, not a Linear: not a target."""
+    match = _OPEN_CLIP.match(path)
+    if match is None:
+        return
+    number, inner = match.groups()
+    target = LayerTarget("text_encoder_2", path.removesuffix(".weight").removesuffix("_weight"), tuple(shape), "TE2",
+                         host_key=key)
+    prefixes = TEXT_ENCODER_PREFIXES[("sdxl", "text_encoder_2")]
+    layer = f"text_model.encoder.layers.{number}"
+    layout.targets[target.key] = target
+    if inner != "attn.in_proj_weight":
+        layout.register(target, _text_encoder_names("text_encoder_2", f"{layer}.{_OPEN_CLIP_LAYERS[inner]}", prefixes))
+        return
+    third = shape[0] // 3
+    for n, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+        names = _text_encoder_names("text_encoder_2", f"{layer}.self_attn.{projection}", prefixes)
+        layout.register_composite([(target.key, (n * third, (n + 1) * third))], names)
 
 
 def patchable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -258,3 +258,43 @@ def make_transformer(family: str, seed=SEED, dtype=torch.float32):
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model if dtype == torch.float32 else model.to(dtype)
+
+
+def sgm_checkpoint_state(unet, text_encoder, text_encoder_2=None) -> dict:
+    """A single-file checkpoint's state dict (original SGM keys, as A1111 and ComfyUI load it) from
+    diffusers components: the UNet under ``model.diffusion_model.`` (``SgmNames``), CLIP-L under
+    ``cond_stage_model.transformer.`` (SD1) or ``conditioner.embedders.0.transformer.`` (SDXL), and
+    SDXL's bigG in OpenCLIP's layout (q/k/v fused into ``in_proj``, ``text_projection`` transposed).
+    No VAE. For tests and benchmarks of single-file baking (docs/architecture.md#baking)."""
+    from .names import SgmNames
+
+    state = {}
+    sgm = SgmNames(unet)
+    for key, value in unet.state_dict().items():
+        module, _, parameter = key.rpartition(".")
+        state[f"model.diffusion_model.{sgm.to_sgm(module) or module}.{parameter}"] = value
+    sdxl = text_encoder_2 is not None
+    clip_prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+    for key, value in text_encoder.state_dict().items():
+        state[clip_prefix + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    if text_encoder_2 is None:
+        return state
+    big = {k.removeprefix("text_model."): v for k, v in text_encoder_2.state_dict().items()}
+    prefix = "conditioner.embedders.1.model."
+    state[prefix + "token_embedding.weight"] = big["embeddings.token_embedding.weight"]
+    state[prefix + "positional_embedding"] = big["embeddings.position_embedding.weight"]
+    state[prefix + "ln_final.weight"], state[prefix + "ln_final.bias"] = big["final_layer_norm.weight"], big[
+        "final_layer_norm.bias"]
+    state[prefix + "text_projection"] = big["text_projection.weight"].t().contiguous()
+    layers = len({k.split(".")[2] for k in big if k.startswith("encoder.layers.")})
+    for n in range(layers):
+        layer, block = f"encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
+        for what in ("weight", "bias"):
+            state[f"{block}attn.in_proj_{what}"] = torch.cat(
+                [big[f"{layer}self_attn.{p}_proj.{what}"] for p in ("q", "k", "v")])
+            state[f"{block}attn.out_proj.{what}"] = big[f"{layer}self_attn.out_proj.{what}"]
+            state[f"{block}ln_1.{what}"] = big[f"{layer}layer_norm1.{what}"]
+            state[f"{block}ln_2.{what}"] = big[f"{layer}layer_norm2.{what}"]
+            state[f"{block}mlp.c_fc.{what}"] = big[f"{layer}mlp.fc1.{what}"]
+            state[f"{block}mlp.c_proj.{what}"] = big[f"{layer}mlp.fc2.{what}"]
+    return {k: v.detach().contiguous() for k, v in state.items()}

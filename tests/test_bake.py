@@ -121,3 +121,69 @@ def test_a_bake_stopped_midway_leaves_no_output(lycoris_file, base, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         bake(base, [str(lycoris_file("sdxl", "lokr_f4").path)], tmp_path / "out", progress=progress)
     assert seen and not list(tmp_path.iterdir())  # no output, no staging folder left
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base) -> Path:
+    """The tiny SDXL of ``base`` as a single-file checkpoint in original SGM keys (bigG in OpenCLIP's
+    layout, q/k/v fused into ``in_proj``)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float16)
+    path = base.parent / "sdxl_single.safetensors"
+    save_file(tiny_models.sgm_checkpoint_state(pipe.unet, pipe.text_encoder, pipe.text_encoder_2), str(path))
+    return path
+
+
+def test_the_checkpoint_export_is_what_diffusers_reads_back(base, checkpoint):
+    """The test's own single-file export, checked by diffusers' converters: UNet and CLIP-L by
+    ``from_single_file``, bigG by ``convert_open_clip_checkpoint``."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float16)
+    read = StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(base), vae=pipe.vae,
+                                                      local_files_only=True, torch_dtype=torch.float16)
+    for component in ("unet", "text_encoder"):
+        theirs = getattr(read, component).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(pipe, component).state_dict().items()), component
+    big = convert_open_clip_checkpoint(tiny_models.make_clip_text_model_with_projection(), load_file(checkpoint),
+                                       prefix="conditioner.embedders.1.model.")
+    assert all(torch.equal(v, big[k]) for k, v in pipe.text_encoder_2.state_dict().items())
+
+
+def test_a_single_file_bake_is_the_live_load_in_original_keys(lycoris_file, base, checkpoint, tmp_path):
+    """Baked into the single-file checkpoint (q/k/v of bigG as rows of its fused in_proj), every
+    tensor equals the live load's, bit for bit, in the checkpoint's own keys; untouched tensors and
+    the key order are the checkpoint's."""
+    loha = lycoris_file("sdxl", "loha_tucker", dtype="fp16")
+    dora = lycoris_file("sdxl", "lokr_dora_out")
+    specs = [BakeAdapter(str(loha.path), 0.8), BakeAdapter(str(dora.path), 0.5, "OUT=0.5, IN04=0")]
+    out = tmp_path / "baked.safetensors"
+    result = bake(checkpoint, specs, out)
+    assert result.files == [out.name] and all(r.complete for r in result.reports), result.format()
+    live_bake(base, tmp_path / "live", [(loha.path, dict(strength=0.8)),
+                                        (dora.path, dict(strength=0.5, block_weights="OUT=0.5, IN04=0"))])
+    from diffusers import StableDiffusionXLPipeline
+
+    live = StableDiffusionXLPipeline.from_pretrained(tmp_path / "live", dtype=torch.float16)
+    expected = tiny_models.sgm_checkpoint_state(live.unet, live.text_encoder, live.text_encoder_2)
+    baked, original = load_file(out), load_file(checkpoint)
+    assert list(baked) == list(original)
+    changed = [k for k in baked if not torch.equal(baked[k], original[k])]
+    assert any(".in_proj_weight" in k for k in changed) and any(k.startswith("model.") for k in changed)
+    for key, value in baked.items():
+        assert torch.equal(value.view(torch.uint8), expected[key].view(torch.uint8)), key
+
+
+def test_a_killed_single_file_bake_leaves_nothing(lycoris_file, checkpoint, tmp_path, monkeypatch):
+    from lohakr.loaders import bake as bake_module
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bake_module, "_patched_bytes", fail)
+    with pytest.raises(KeyboardInterrupt):
+        bake(checkpoint, [str(lycoris_file("sdxl", "loha").path)], tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
