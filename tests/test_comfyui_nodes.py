@@ -298,7 +298,7 @@ def test_registration_uses_one_api(comfy, monkeypatch):
     names = nodes_pkg.registration()
     assert set(names) == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"}
     assert set(names["NODE_CLASS_MAPPINGS"]) == {"LohakrLoader", "LohakrLoaderModelOnly", "LohakrStack",
-                                                 "LohakrApplyStack", "LohakrInfo"}
+                                                 "LohakrApplyStack", "LohakrSaveLora", "LohakrInfo"}
     inputs = names["NODE_CLASS_MAPPINGS"]["LohakrLoader"].INPUT_TYPES()
     assert "clip" in inputs["optional"] and inputs["required"]["strength_clip"][1]["min"] == -100.0
 
