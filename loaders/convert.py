@@ -21,8 +21,10 @@ given rank or error, the error always reported. Writing files and the command li
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -201,16 +203,16 @@ class Conversion:
 @torch.no_grad()
 def to_lora(update: LayerUpdate, rank: int | str = "exact", max_error: float | None = None,
             device=None) -> Conversion:
-    """``update`` as a LoRA. Exact (``exact_lora``) when ``rank`` is ``"exact"`` or at least the exact
-    rank; otherwise a truncated SVD of ΔW in float32, one layer at a time: at ``rank``, or with
-    ``max_error`` at the smallest rank whose relative Frobenius error is at most that (never above
-    ``rank`` when both are given). DoRA modules are refused (``exact_lora``)."""
+    """``update`` as a LoRA. Without ``max_error``: exact (``exact_lora``) when ``rank`` is ``"exact"``
+    or at least the exact rank, else a truncated SVD of ΔW in float32 at ``rank``. With ``max_error``:
+    the SVD at the smallest rank whose relative Frobenius error is at most that (never above ``rank``
+    when one is given). DoRA modules are refused (``exact_lora``)."""
     if rank != "exact" and (not isinstance(rank, int) or rank < 1):
         raise LohakrError(f"rank is {rank!r}; a rank is a positive integer or 'exact'")
     if max_error is not None and not 0 <= max_error < 1:
         raise LohakrError(f"max_error is {max_error!r}; a relative error lies in [0, 1)")
     exact = exact_rank(update)
-    if rank == "exact" or (max_error is None and rank >= exact):
+    if max_error is None and (rank == "exact" or rank >= exact):
         return Conversion(exact_lora(update, device), "exact", 0.0)
     if update.dora:
         exact_lora(update)  # raises, naming the module
@@ -270,6 +272,7 @@ class FileConversion:
     metadata: dict[str, str]
     modules: list[ModuleConversion]
     not_converted: list[str] = field(default_factory=list)  # "module [status] reason" of modules that do not apply
+    notes: list[str] = field(default_factory=list)  # what a consumer should know (DoRA kept or baked)
 
     @property
     def max_error(self) -> float:
@@ -328,7 +331,8 @@ def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float
 
 
 def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion, shape: tuple[int, ...],
-                  alpha: float | None, stored: torch.dtype, delta: Tensor, bias: Tensor | None) -> float:
+                  alpha: float | None, stored: torch.dtype, delta: Tensor, bias: Tensor | None,
+                  magnitude: Tensor | None = None) -> float:
     """One LoRA module into ``tensors``: kohya (``lora_up`` carrying rank/alpha, ``lora_down``,
     ``alpha``) or, with ``alpha=None``, diffusers/PEFT (``lora_B`` carrying the scale, ``lora_A``, no
     alpha: a PEFT loader's default ``lora_alpha = r`` scales by 1). A conv's ``down`` is
@@ -351,6 +355,8 @@ def _write_module(tensors: dict[str, Tensor], name: str, conversion: Conversion,
         if alpha is None:
             raise LohakrError(f"{name}: a bias delta (diff_b) has no place in a diffusers/PEFT LoRA")
         tensors[f"{name}.diff_b"] = bias.to(stored)
+    if magnitude is not None:
+        tensors[f"{name}.{'dora_scale' if alpha is not None else 'lora_magnitude_vector'}"] = magnitude.to(stored)
     return float(achieved)
 
 
@@ -409,6 +415,7 @@ def format_conversion(conversion: FileConversion, names: int = 10) -> str:
              f"relative error (Frobenius, per module): max {conversion.max_error:.3g}, "
              f"mean {conversion.mean_error:.3g}",
              f"size {conversion.nbytes() / 2**20:.1f} MiB"]
+    lines += [f"note: {note}" for note in conversion.notes]
     if conversion.not_converted:
         lines.append(f"{len(conversion.not_converted)} module(s) not converted (they do not apply to this model):")
         lines += [f"  {line}" for line in conversion.not_converted[:names]]
@@ -432,10 +439,16 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
     from .plan import plan_load
 
     single = len(adapters) == 1 and adapters[0][1] == 1.0  # convert: one file, its own names
-    why = "has no LoRA form on its own" if single else "cannot be merged into a LoRA"
-    plans = [MergeItem(adapter, refuse_dora(plan_load(adapter, layout), why), lambda match, s=float(strength): s,
-                       float(strength)) for adapter, strength in adapters]
-    return merge_plans(plans, layout, rank, max_error, dtype, single=single)
+    plans = [MergeItem(adapter, plan_load(adapter, layout), lambda match, s=float(strength): s, float(strength))
+             for adapter, strength in adapters]
+    return merge_plans(plans, layout, rank, max_error, dtype, single=single, base_weight=live_weight)
+
+
+def live_weight(target) -> Tensor | None:
+    """The weight of a layout's live layer (a pipeline's), for DoRA baked through the base; ``None``
+    for a layout without layers (the reference layouts of the command line)."""
+    layer = getattr(target, "layer", None)
+    return None if layer is None else layer.weight
 
 
 @dataclass
@@ -449,20 +462,18 @@ class MergeItem:
     strength: float | dict = 1.0  # as recorded in the metadata
 
 
-def refuse_dora(plan, why: str):
-    """``plan`` unless it has DoRA modules: their update depends on the base model's weights."""
-    dora = [m.module.name for m in plan.matches if m.module.dora]
-    if dora:
-        raise LohakrError(f"{plan.adapter.source}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA update depends "
-                          f"on the base model's weights, so it {why}. Bake it into the checkpoint instead")
-    return plan
-
-
 @torch.no_grad()
 def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_error: float | None = None,
-                dtype: str | None = None, *, single: bool = False) -> FileConversion:
+                dtype: str | None = None, *, single: bool = False,
+                base_weight: Callable[[object], Tensor | None] | None = None) -> FileConversion:
     """The planned adapters as one LoRA: per layer the sum of every match at its strength
-    (``merge_adapters``; ComfyUI's save node passes strengths per component and block)."""
+    (``merge_adapters``; ComfyUI's save node passes strengths per component and block).
+
+    DoRA (docs/format.md#dora-in-a-lora): a DoRA module alone on its layer at strength 1 keeps its
+    magnitude beside its exact factors where the format has one (``dora_scale`` in kohya files,
+    which ComfyUI applies; PEFT's ``lora_magnitude_vector`` for an output-axis DoRA): exact. Any other
+    layer with DoRA is baked through the base weights, ``base_weight(target)``: the LoRA is the SVD of
+    what the whole stack does to that layer, its error reported; without base weights it is refused."""
     if dtype is not None and dtype not in DTYPES:
         raise LohakrError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}")
     per_layer: dict[str, list] = {}
@@ -480,43 +491,124 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
         skipped += [f"{prefix}{o.module} [{o.status}] {o.reason}" for o in item.plan.report.not_applied]
     if not per_layer:
         raise LohakrError("nothing to write: no module applies at a non-zero strength")
+    peft = layout.family in FAMILIES
     stored = DTYPES[dtype] if dtype else _dominant_dtype(items[0].adapter)
-    conversions = {key: _layer_conversion(contributions, tuple(targets[key].weight_shape), rank, max_error)
-                   for key, contributions in per_layer.items()}
-    ranks = [c.rank for c in conversions.values()]
+    layers = {key: _layer_plan(key, contributions, targets[key], rank, max_error, peft, base_weight)
+              for key, contributions in per_layer.items()}
+    ranks = [plan.conversion.rank for plan in layers.values()]
     # kohya: one alpha for the whole file, the most common rank; consumers scale by alpha/rank, so
     # each module's up carries rank/alpha. With one alpha, a loader needs no per-module alpha pattern
     # (diffusers builds those from CLIP paths that transformers 5 renamed, and then ignores them).
-    alpha = None if layout.family in FAMILIES else max(set(ranks), key=ranks.count)
+    alpha = None if peft else max(set(ranks), key=ranks.count)
     tensors: dict[str, Tensor] = {}
     lines: list[ModuleConversion] = []
-    for key, conversion in conversions.items():
+    notes: list[str] = []
+    above: list[str] = []
+    for key, plan in layers.items():
         shape = tuple(targets[key].weight_shape)
-        delta = sum(module.delta(shape) * s for module, s in per_layer[key])
         biases = [module.bias_delta() * s for module, s in per_layer[key] if module.has_bias_delta]
-        achieved = _write_module(tensors, names[key], conversion, shape, alpha, stored, delta,
-                                 sum(biases) if biases else None)
-        lines.append(ModuleConversion(sources[key] if single else key, names[key], conversion.method,
-                                      conversion.rank, achieved))
+        write = functools.partial(_write_module, tensors, names[key], shape=shape, alpha=alpha, stored=stored,
+                                  delta=plan.delta, bias=sum(biases) if biases else None, magnitude=plan.magnitude)
+        conversion, achieved = _within_error_after_cast(write, plan.conversion, plan.svd, rank, max_error)
+        if max_error is not None and achieved > max_error:
+            above.append(names[key])
+        method = conversion.method + (" + DoRA magnitude" if plan.magnitude is not None else "")
+        lines.append(ModuleConversion(sources[key] if single else key, names[key], method, conversion.rank, achieved))
+    if above:
+        notes.append(f"{len(above)} module(s) (e.g. {above[0]}) stay above max_error {max_error:g} after the cast to "
+                     f"{str(stored).removeprefix('torch.')}, even at the largest rank allowed: store them in fp32 "
+                     "(dtype fp32), or allow a larger rank")
+    if any(plan.magnitude is not None for plan in layers.values()):
+        notes.append("DoRA modules keep their magnitude (" + ("lora_magnitude_vector: diffusers and PEFT apply it"
+                     if peft else "dora_scale: ComfyUI applies it; diffusers' kohya loader drops it") + ")")
+    if any(plan.conversion.method == "baked" for plan in layers.values()):
+        notes.append("DoRA layers in a stack were baked through the base weights: their LoRA is exact for that "
+                     "base model only")
     if single:
         metadata = _conversion_metadata(items[0].adapter, lines, rank, max_error, stored)
     else:
         metadata = _merge_metadata(items, lines, rank, max_error, stored)
-    return FileConversion(tensors, metadata, lines, skipped)
+    return FileConversion(tensors, metadata, lines, skipped, notes)
+
+
+@dataclass
+class _LayerPlan:
+    """How one layer is written: its conversion (and the SVD it came from), the update it must
+    equal, and a DoRA magnitude kept beside the factors."""
+
+    conversion: Conversion
+    svd: tuple | None
+    delta: Tensor
+    magnitude: Tensor | None = None
+
+
+def _layer_plan(key: str, contributions: list[tuple[LayerUpdate, float]], target, rank: int | str,
+                max_error: float | None, peft: bool, base_weight) -> _LayerPlan:
+    shape = tuple(target.weight_shape)
+    dora = [update for update, _ in contributions if update.dora]
+    if not dora:
+        conversion, svd = _layer_conversion(contributions, shape, rank, max_error)
+        return _LayerPlan(conversion, svd, sum(update.delta(shape) * s for update, s in contributions))
+    (update, strength), = contributions if len(contributions) == 1 else ((None, 0.0),)
+    keeps = (update is not None and strength == 1.0 and not isinstance(update, RowsOfUpdate)
+             and (not peft or update.dora_axis(shape) == "out"))
+    if keeps:
+        plain = replace(update, dora_scale=None)
+        conversion, svd = _layer_conversion([(plain, 1.0)], shape, rank, max_error)
+        magnitude = update.dora_scale.reshape(-1) if peft else update.dora_scale
+        return _LayerPlan(conversion, svd, plain.delta(shape), magnitude.float())
+    base = base_weight(target) if base_weight is not None else None
+    if base is None or base.is_meta:
+        raise LohakrError(f"{dora[0].source}: module {dora[0].name}: a DoRA update depends on the base model's "
+                          f"weights ({key}: with other updates on the layer, at a strength other than 1, or in a "
+                          "format without its magnitude), and no base weights were given: convert with the model "
+                          "(its pipeline's layout, or ComfyUI's save node), or bake it into the checkpoint")
+    original = base.detach().to(dtype=torch.float32, copy=True)
+    work = original.clone()
+    from .apply import patch
+
+    patch(work, work, contributions)
+    delta = (work - original).reshape(shape[0], -1)
+    svd = torch.linalg.svd(delta, full_matrices=False)
+    conversion = _truncated(*svd, len(svd[1]) if rank == "exact" else rank, max_error)
+    return _LayerPlan(Conversion(conversion.factors, "baked", conversion.error), svd, delta.reshape(shape))
 
 
 def _layer_conversion(contributions: list[tuple[LayerUpdate, float]], shape: tuple[int, ...],
-                      rank: int | str, max_error: float | None) -> Conversion:
-    """One layer's updates (at their strengths) as one LoRA: a lone update by ``to_lora``; several
-    exactly, side by side at the summed rank, or a truncated SVD of that sum (QR and an R×R SVD)."""
+                      rank: int | str, max_error: float | None) -> tuple[Conversion, tuple | None]:
+    """One layer's updates (at their strengths) as one LoRA, and the SVD it was cut from (``None``
+    when exact): a lone update as ``to_lora`` converts it; several exactly, side by side at the
+    summed rank, or a truncated SVD of that sum (QR and an R×R SVD)."""
     if len(contributions) == 1 and contributions[0][1] == 1.0:
-        return to_lora(contributions[0][0], rank, max_error)
+        update = contributions[0][0]
+        exact = exact_rank(update)
+        if max_error is None and (rank == "exact" or rank >= exact):
+            return to_lora(update, rank, max_error), None
+        svd = _svd(update, None)
+        return _truncated(*svd, rank, max_error), svd
     parts = [exact_lora(module) for module, _ in contributions]
     summed = LoraFactors(torch.cat([p.up * s for p, (_, s) in zip(parts, contributions, strict=True)], 1),
                          torch.cat([p.down for p in parts], 0))
-    if rank == "exact" or (max_error is None and rank >= summed.rank):
-        return Conversion(summed, "exact", 0.0)
-    return _truncated(*_svd_of_factors(summed, shape), rank, max_error)
+    if max_error is None and (rank == "exact" or rank >= summed.rank):
+        return Conversion(summed, "exact", 0.0), None
+    svd = _svd_of_factors(summed, shape)
+    return _truncated(*svd, rank, max_error), svd
+
+
+def _within_error_after_cast(write: Callable[[Conversion], float], conversion: Conversion, svd: tuple | None,
+                             rank: int | str, max_error: float | None) -> tuple[Conversion, float]:
+    """Write ``conversion``; where its error after the cast to the stored dtype is above
+    ``max_error`` (the cast adds to the SVD's tail), write it again at a higher rank of the same SVD,
+    up to ``rank``, until it is within. Returns what was written and its error."""
+    achieved = write(conversion)
+    if max_error is None or svd is None:
+        return conversion, achieved
+    limit = len(svd[1]) if rank == "exact" else min(rank, len(svd[1]))
+    while achieved > max_error and conversion.rank < limit:
+        keep = min(limit, conversion.rank + max(1, conversion.rank // 8))
+        conversion = _truncated(*svd, keep, None)
+        achieved = write(conversion)
+    return conversion, achieved
 
 
 def _merge_metadata(items: list[MergeItem], lines: list[ModuleConversion], rank, max_error,

@@ -276,9 +276,9 @@ def save_stack_as_lora(model: Any, clip: Any | None, items: Iterable[StackItem],
     """The stack, at its strengths and block weights, as one LoRA file at ``output`` (written
     atomically; ``convert.merge_plans``): exact where the summed ranks allow, else SVD at ``rank`` or
     ``max_error``. Returns the ``FileConversion`` (per module its method, rank and error). The same
-    refusals as a load, before anything is written; DoRA modules are refused (their update depends
-    on the base weights)."""
-    from ..loaders.convert import MergeItem, merge_plans, refuse_dora
+    refusals as a load, before anything is written. A DoRA module keeps its magnitude where it can,
+    else is baked through the model's weights (``convert.merge_plans``)."""
+    from ..loaders.convert import MergeItem, merge_plans
 
     items = [item for item in items if item.strength_model != 0 or item.strength_clip != 0]
     if not items:
@@ -291,11 +291,12 @@ def save_stack_as_lora(model: Any, clip: Any | None, items: Iterable[StackItem],
                      "text_encoder_3": item.strength_clip}
         plan = plan_load(adapter_cache.load(item.path), layout, name=item.name, block_weights=item.block_weights,
                          strengths={"model": item.strength_model, "clip": item.strength_clip})
-        plan = refuse_dora(plan, "cannot be saved as a LoRA")
         strength_of = functools.partial(composed_strength, strengths, plan.block_weights)
         merged.append(MergeItem(plan.adapter, plan, strength_of, {"model": item.strength_model,
                                                                   "clip": item.strength_clip}))
-    conversion = merge_plans(merged, layout, rank, max_error, dtype)
+    weights = _host_weights(model, clip)
+    conversion = merge_plans(merged, layout, rank, max_error, dtype,
+                             base_weight=lambda target: weights.get(target.host_key))
     conversion.write(output, [item.path for item in items])
     return conversion
 

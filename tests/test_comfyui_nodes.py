@@ -380,3 +380,28 @@ def test_the_save_node_writes_an_sdxl_stack_that_comfyuis_lora_loader_loads_to_t
     assert len([k for k in ours if not torch.equal(ours[k], build_state(k))]) > 50
     for key in ours:
         assert_close(native[key], ours[key], key)
+
+
+@pytest.mark.parametrize("variant", ["loha_dora_out", "lokr_dora_in"])
+def test_a_converted_dora_file_does_in_comfyui_what_its_source_does(comfy, variant):
+    """docs/format.md#dora-in-a-lora: exact factors plus ``dora_scale``; ComfyUI's LoraLoader applies the
+    converted LoRA exactly as it applies the source LoHa/LoKr (its own DoRA rules for both)."""
+    from safetensors.torch import save_file
+
+    import nodes as comfy_nodes
+    from lohakr import load_adapter
+    from lohakr.loaders.convert import convert_adapter
+    from lohakr.nodes.comfy_bridge import comfy_layout
+
+    loras, _ = comfy
+    filename = make_file(loras, variant, name=f"dora_source_{variant}")
+    model, clip = build_tiny_sdxl()
+    conversion = convert_adapter(load_adapter(loras / filename), comfy_layout(model, clip), dtype="fp32")
+    assert any(k.endswith(".dora_scale") for k in conversion.tensors)
+    save_file(conversion.tensors, str(loras / f"dora_converted_{variant}.safetensors"), conversion.metadata)
+    source = loaded_state(*comfy_nodes.LoraLoader().load_lora(model, clip, filename, STRENGTH, STRENGTH))
+    converted = loaded_state(*comfy_nodes.LoraLoader().load_lora(model, clip, f"dora_converted_{variant}.safetensors",
+                                                                 STRENGTH, STRENGTH))
+    assert len([k for k in source if not torch.equal(source[k], build_state(k))]) > 50
+    for key in source:
+        assert_close(converted[key], source[key], key)

@@ -525,3 +525,22 @@ def test_a_converted_transformer_lora_is_a_peft_lora(tmp_path):
     expected = ours.transformer.state_dict()
     for key, value in base.items():
         assert_patched(merged[key], value, expected[key] - value, key)
+
+
+def test_a_dora_transformer_file_converts_with_peft_magnitudes_that_diffusers_applies(tmp_path):
+    """docs/format.md#dora-in-a-lora: an output-axis DoRA LoKr on Flux.1 becomes exact LoRA factors plus
+    PEFT's ``lora_magnitude_vector``; diffusers loads it as a DoRA LoRA and fuses it to our weights."""
+    source, out, conversion = _converted(tmp_path, "flux1", "lokr_dora_out", "diffusers")
+    assert any(k.endswith("lora_magnitude_vector") for k in conversion.tensors)
+    ours = make_pipe("flux1")
+    ours.load_lycoris(source)
+    theirs = make_pipe("flux1")
+    base = {k: v.clone() for k, v in theirs.transformer.state_dict().items()}
+    theirs.load_lora_weights(str(out))
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    got, expected = theirs.transformer.state_dict(), ours.transformer.state_dict()
+    changed = [k for k in base if not torch.equal(expected[k], base[k])]
+    assert len(changed) == len(conversion.modules)
+    for key in changed:
+        assert max_rel(got[key], expected[key], expected[key]) <= 1e-5, key
