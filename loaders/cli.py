@@ -125,10 +125,11 @@ def _demo(options: list[str]) -> int:
 def _lora_output_options(parser: argparse.ArgumentParser, dtype_default: str, model_default: str) -> None:
     """The options of commands that write a LoRA file (``convert``, ``merge``)."""
     parser.add_argument("--rank", default="exact",
-                        help="'exact' (default: every module exactly) or the largest rank to store; a module whose "
-                             "exact rank is larger gets a truncated SVD")
+                        help="'exact' (default: every module exactly, unless --max-error) or the largest rank to "
+                             "store; a module whose exact rank is larger gets a truncated SVD")
     parser.add_argument("--max-error", type=float, default=None,
-                        help="with SVD, the smallest rank whose relative Frobenius error is at most this")
+                        help="cut each module by SVD at the smallest rank whose relative Frobenius error, after the "
+                             "cast to --dtype, is at most this (never above --rank)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                         help=f"stored dtype (default: {dtype_default})")
     parser.add_argument("--model", choices=["auto", *REFERENCE_FAMILIES], default="auto",
