@@ -5,7 +5,8 @@ LoRA's size, the ranks and the distribution of the per-module relative error, an
 
 Files: the real LyCORIS files of patch_sdxl.py (cached in benchmarks/.cache). Each module becomes an
 exact LoRA where its exact rank is within what the error needs, else a truncated SVD at the smallest
-rank whose relative Frobenius error is at most E (docs/format.md#conversion-to-lora).
+rank whose relative Frobenius error, after the cast to the stored dtype, is at most E
+(docs/format.md#dora-in-a-lora: the rank rises until it is).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
                   f"{methods['svd']} SVD modules, rank median {statistics.median(ranks):.0f} "
                   f"[{min(ranks)}..{max(ranks)}]; error max {errors[-1]:.2e}, mean {conversion.mean_error:.2e}, "
                   f"median {median:.2e}, p90 {p90:.2e}; {seconds:.1f} s")
+            for note in conversion.notes:
+                print(f"    note: {note}")
     return 0
 
 
