@@ -549,7 +549,8 @@ def _layer_plan(key: str, contributions: list[tuple[LayerUpdate, float]], target
     if not dora:
         conversion, svd = _layer_conversion(contributions, shape, rank, max_error)
         return _LayerPlan(conversion, svd, sum(update.delta(shape) * s for update, s in contributions))
-    (update, strength), = contributions if len(contributions) == 1 else ((None, 0.0),)
+    update, strength = contributions[0] if len(contributions) == 1 else (None, 0.0)
+    # alone on its layer, at strength 1, whole (not rows of a fused layer), on an axis the format has
     keeps = (update is not None and strength == 1.0 and not isinstance(update, RowsOfUpdate)
              and (not peft or update.dora_axis(shape) == "out"))
     if keeps:
