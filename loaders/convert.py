@@ -445,8 +445,9 @@ def merge_adapters(adapters: list[tuple[object, float]], layout, rank: int | str
 
 
 def live_weight(target) -> Tensor | None:
-    """The weight of a layout's live layer (a pipeline's), for DoRA baked through the base; ``None``
-    for a layout without layers (the reference layouts of the command line)."""
+    """The weight of a layout's live layer (a pipeline's, as it is now: convert before loading
+    adapters into it), for DoRA baked through the base; ``None`` for a layout without layers (the
+    reference layouts of the command line)."""
     layer = getattr(target, "layer", None)
     return None if layer is None else layer.weight
 

@@ -255,7 +255,7 @@ def test_a_merge_at_an_error_stays_within_it(lycoris_file, tmp_path, max_error):
         assert got <= line.error * 1.01 + 1e-5, (line.module, got, line.error)
 
 
-def test_merge_command_line_and_dora_refusal(lycoris_file, tmp_path, capsys):
+def test_merge_command_line(lycoris_file, tmp_path, capsys):
     from test_cli import make_file  # LoHa and LoKr modules on full-size SDXL layers
 
     from lohakr.loaders.cli import main as cli
