@@ -32,6 +32,7 @@ from .adapter import load_adapter
 from .apply import Contribution, Workspace
 from .diffusers_pipeline import component_strengths
 from .errors import LohakrError
+from .families import family_of
 from .guard import check_layer
 from .names import LayerTarget, ModelLayout
 from .patcher import PatchedAdapter, contributions_by_layer
@@ -90,7 +91,7 @@ def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output:
          strict: bool = False, allow_base_mismatch: bool = False,
          progress: Callable[[Iterable, int], Iterable] | None = None) -> BakeResult:
     """Bake ``adapters`` into a copy of ``base``, written to ``output`` (which must not exist yet):
-    a diffusers model folder (unet/, text_encoder/… : a folder out), or an SD1.x/SDXL single-file
+    a diffusers model folder (unet/ or a transformer/, text_encoder/…: a folder out), or an SD1.x/SDXL single-file
     checkpoint with original SGM keys (a file out, in the same keys). Raises before writing anything
     if an adapter does not fit (the same refusals as ``pipe.load_lycoris``) or would write NaN/inf."""
     started = time.perf_counter()
@@ -105,7 +106,7 @@ def bake(base: str | os.PathLike, adapters: Iterable[BakeAdapter | str], output:
         raise LohakrError(f"{out_path}: already exists; bake writes a new {kind} (remove it or choose another path)")
     if base_path.is_dir():
         components = meta_components(base_path)
-        layout = ModelLayout.from_diffusers(**components)
+        layout = _folder_layout(components)
         sources = SourceIndex(components, {name: base_path / name for name in components})
         files, locate = sources.files, sources.locate
     else:
@@ -179,21 +180,40 @@ def _checkpoint_tensor(checkpoint: SafetensorsFile, target: LayerTarget,
 
 
 def meta_components(folder: Path) -> dict[str, nn.Module]:
-    """The folder's UNet and CLIP text encoders, built on the meta device from their configs."""
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """The folder's UNet or transformer and its text encoders, built on the meta device from their
+    configs (the classes the configs name)."""
+    import diffusers
+    import transformers
 
     built = {}
     with torch.device("meta"):
-        if (folder / "unet" / "config.json").is_file():
-            built["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        for name, model_class in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        for name in ("unet", "transformer"):
             if (folder / name / "config.json").is_file():
-                built[name] = model_class(AutoConfig.from_pretrained(folder / name))
-    if "unet" not in built and "text_encoder" not in built:
-        raise LohakrError(f"{folder}: no unet/ or text_encoder/ with a config.json; bake needs a diffusers "
-                          "model folder")
+                config = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+                model_class = getattr(diffusers, config.get("_class_name", ""), None)
+                if model_class is None:
+                    raise LohakrError(f"{folder / name}: its config names {config.get('_class_name')!r}, which this "
+                                      "diffusers does not have")
+                built[name] = model_class.from_config(model_class.load_config(folder / name))
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if (folder / name / "config.json").is_file():
+                config = transformers.AutoConfig.from_pretrained(folder / name)
+                architecture = (config.architectures or ["CLIPTextModel"])[0]
+                built[name] = getattr(transformers, architecture)(config)
+    if not {"unet", "transformer", "text_encoder"} & set(built):
+        raise LohakrError(f"{folder}: no unet/, transformer/ or text_encoder/ with a config.json; bake needs a "
+                          "diffusers model folder")
     return built
+
+
+def _folder_layout(components: dict[str, nn.Module]) -> ModelLayout:
+    transformer = components.get("transformer")
+    if transformer is None:
+        return ModelLayout.from_diffusers(**{c: components.get(c) for c in ("unet", "text_encoder", "text_encoder_2")})
+    family = family_of(transformer)
+    if family is None:
+        raise LohakrError(f"the transformer is a {type(transformer).__name__}, which lohakr has no layout for")
+    return ModelLayout.from_transformer(transformer, family, components)
 
 
 @dataclass

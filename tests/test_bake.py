@@ -187,3 +187,38 @@ def test_a_killed_single_file_bake_leaves_nothing(lycoris_file, checkpoint, tmp_
     with pytest.raises(KeyboardInterrupt):
         bake(checkpoint, [str(lycoris_file("sdxl", "loha").path)], tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("naming", ["lycoris_", "lora_unet_"])
+def test_a_transformer_folder_bake_is_the_live_load(tmp_path, naming):
+    """A Flux.1 diffusers folder (transformer/ and a CLIP text_encoder/): baked, it equals the live load
+    saved, bit for bit; kohya's BFL names split onto diffusers' layers as in a live load."""
+    from diffusers import FluxTransformer2DModel
+    from lycoris_oracle import lycoris_on, save_lycoris
+    from test_transformers import original_model
+    from transformers import CLIPTextModel
+
+    folder = tmp_path / "flux"
+    tiny_models.make_transformer("flux1").to(torch.bfloat16).save_pretrained(folder / "transformer")
+    tiny_models.make_clip_text_model().save_pretrained(folder / "text_encoder")
+    if naming == "lycoris_":
+        net = lycoris_on(tiny_models.make_transformer("flux1"), "lokr_f4")
+        path = save_lycoris(net, tmp_path / "a.safetensors")
+    else:
+        tree, _ = original_model("flux1", tiny_models.make_transformer("flux1"))
+        path = save_lycoris(lycoris_on(tree, "loha"), tmp_path / "a.safetensors",
+                            lambda n: n.replace("lycoris_", "lora_unet_"))
+    result = bake(folder, [BakeAdapter(str(path), 0.7)], tmp_path / "baked")
+    assert result.patched and all(r.complete for r in result.reports), result.format()
+
+    class Pipe:
+        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+
+    pipe = lohakr.enable(Pipe())
+    pipe.load_lycoris(path, strength=0.7)
+    baked = load_file(tmp_path / "baked" / "transformer" / "diffusion_pytorch_model.safetensors")
+    live = pipe.transformer.state_dict()
+    assert baked.keys() == live.keys()
+    for key, value in baked.items():
+        assert torch.equal(value.view(torch.uint8), live[key].contiguous().view(torch.uint8)), key
