@@ -494,8 +494,20 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
         raise LohakrError("nothing to write: no module applies at a non-zero strength")
     peft = layout.family in FAMILIES
     stored = DTYPES[dtype] if dtype else _dominant_dtype(items[0].adapter)
-    layers = {key: _layer_plan(key, contributions, targets[key], rank, max_error, peft, base_weight)
-              for key, contributions in per_layer.items()}
+    # One layer at a time: its conversion, the rank raised until the cast keeps it within max_error
+    # (checked at gain 1, before the file's alpha is known), then its SVD and ΔW dropped: only the
+    # chosen factors of every layer are held at once, never every layer's ΔW or SVD.
+    layers: dict[str, _LayerPlan] = {}
+    for key, contributions in per_layer.items():
+        plan = _layer_plan(key, contributions, targets[key], rank, max_error, peft, base_weight)
+        if plan.svd is not None and max_error is not None:
+            shape = tuple(targets[key].weight_shape)
+            delta = plan.delta if plan.delta is not None else _plain_delta(contributions, shape)
+            check = functools.partial(_write_module, {}, names[key], shape=shape, alpha=None, stored=stored,
+                                      delta=delta, bias=None)
+            plan.conversion, _ = _within_error_after_cast(check, plan.conversion, plan.svd, rank, max_error)
+        plan.svd = None  # only a baked layer keeps its ΔW: it has no other source
+        layers[key] = plan
     ranks = [plan.conversion.rank for plan in layers.values()]
     # kohya: one alpha for the whole file, the most common rank; consumers scale by alpha/rank, so
     # each module's up carries rank/alpha. With one alpha, a loader needs no per-module alpha pattern
@@ -507,14 +519,16 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
     above: list[str] = []
     for key, plan in layers.items():
         shape = tuple(targets[key].weight_shape)
-        biases = [module.bias_delta() * s for module, s in per_layer[key] if module.has_bias_delta]
-        write = functools.partial(_write_module, tensors, names[key], shape=shape, alpha=alpha, stored=stored,
-                                  delta=plan.delta, bias=sum(biases) if biases else None, magnitude=plan.magnitude)
-        conversion, achieved = _within_error_after_cast(write, plan.conversion, plan.svd, rank, max_error)
+        contributions = per_layer[key]
+        delta = plan.delta if plan.delta is not None else _plain_delta(contributions, shape)
+        biases = [module.bias_delta() * s for module, s in contributions if module.has_bias_delta]
+        achieved = _write_module(tensors, names[key], plan.conversion, shape, alpha, stored, delta,
+                                 sum(biases) if biases else None, plan.magnitude)
         if max_error is not None and achieved > max_error:
             above.append(names[key])
-        method = conversion.method + (" + DoRA magnitude" if plan.magnitude is not None else "")
-        lines.append(ModuleConversion(sources[key] if single else key, names[key], method, conversion.rank, achieved))
+        method = plan.conversion.method + (" + DoRA magnitude" if plan.magnitude is not None else "")
+        lines.append(ModuleConversion(sources[key] if single else key, names[key], method, plan.conversion.rank,
+                                      achieved))
     if above:
         notes.append(f"{len(above)} module(s) (e.g. {above[0]}) stay above max_error {max_error:g} after the cast to "
                      f"{str(stored).removeprefix('torch.')}, even at the largest rank allowed: store them in fp32 "
@@ -532,6 +546,11 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
     return FileConversion(tensors, metadata, lines, skipped, notes)
 
 
+def _plain_delta(contributions: list[tuple[LayerUpdate, float]], shape: tuple[int, ...]) -> Tensor:
+    """``Σ μ·s·R`` of a layer's updates (a DoRA module's plain part: its magnitude goes beside)."""
+    return sum(update.delta(shape) * strength for update, strength in contributions)
+
+
 @dataclass
 class _LayerPlan:
     """How one layer is written: its conversion (and the SVD it came from), the update it must
@@ -539,7 +558,7 @@ class _LayerPlan:
 
     conversion: Conversion
     svd: tuple | None
-    delta: Tensor
+    delta: Tensor | None
     magnitude: Tensor | None = None
 
 
@@ -549,7 +568,7 @@ def _layer_plan(key: str, contributions: list[tuple[LayerUpdate, float]], target
     dora = [update for update, _ in contributions if update.dora]
     if not dora:
         conversion, svd = _layer_conversion(contributions, shape, rank, max_error)
-        return _LayerPlan(conversion, svd, sum(update.delta(shape) * s for update, s in contributions))
+        return _LayerPlan(conversion, svd, None)
     update, strength = contributions[0] if len(contributions) == 1 else (None, 0.0)
     # alone on its layer, at strength 1, whole (not rows of a fused layer), on an axis the format has
     keeps = (update is not None and strength == 1.0 and not isinstance(update, RowsOfUpdate)
@@ -558,7 +577,7 @@ def _layer_plan(key: str, contributions: list[tuple[LayerUpdate, float]], target
         plain = replace(update, dora_scale=None)
         conversion, svd = _layer_conversion([(plain, 1.0)], shape, rank, max_error)
         magnitude = update.dora_scale.reshape(-1) if peft else update.dora_scale
-        return _LayerPlan(conversion, svd, plain.delta(shape), magnitude.float())
+        return _LayerPlan(conversion, svd, None, magnitude.float())
     base = base_weight(target) if base_weight is not None else None
     if base is None or base.is_meta:
         raise LohakrError(f"{dora[0].source}: module {dora[0].name}: a DoRA update depends on the base model's "
