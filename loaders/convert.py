@@ -517,22 +517,32 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
     lines: list[ModuleConversion] = []
     notes: list[str] = []
     above: list[str] = []
+    widened: list[str] = []
     for key, plan in layers.items():
         shape = tuple(targets[key].weight_shape)
         contributions = per_layer[key]
         delta = plan.delta if plan.delta is not None else _plain_delta(contributions, shape)
         biases = [module.bias_delta() * s for module, s in contributions if module.has_bias_delta]
-        achieved = _write_module(tensors, names[key], plan.conversion, shape, alpha, stored, delta,
-                                 sum(biases) if biases else None, plan.magnitude)
+        bias = sum(biases) if biases else None
+        achieved = _write_module(tensors, names[key], plan.conversion, shape, alpha, stored, delta, bias,
+                                 plan.magnitude)
+        if max_error is not None and achieved > max_error and stored != torch.float32:
+            # its own rounding in fp16/bf16 is above E even at the largest rank: this module in fp32
+            achieved = _write_module(tensors, names[key], plan.conversion, shape, alpha, torch.float32, delta, bias,
+                                     plan.magnitude)
+            widened.append(names[key])
         if max_error is not None and achieved > max_error:
             above.append(names[key])
         method = plan.conversion.method + (" + DoRA magnitude" if plan.magnitude is not None else "")
         lines.append(ModuleConversion(sources[key] if single else key, names[key], method, plan.conversion.rank,
                                       achieved))
+    if widened:
+        notes.append(f"{len(widened)} module(s) (e.g. {widened[0]}) are stored in fp32: in "
+                     f"{str(stored).removeprefix('torch.')} their rounding alone is above max_error {max_error:g} "
+                     "even at the largest rank allowed")
     if above:
-        notes.append(f"{len(above)} module(s) (e.g. {above[0]}) stay above max_error {max_error:g} after the cast to "
-                     f"{str(stored).removeprefix('torch.')}, even at the largest rank allowed: store them in fp32 "
-                     "(dtype fp32), or allow a larger rank")
+        notes.append(f"{len(above)} module(s) (e.g. {above[0]}) stay above max_error {max_error:g} even in fp32 at "
+                     "the largest rank allowed: allow a larger rank")
     if any(plan.magnitude is not None for plan in layers.values()):
         notes.append("DoRA modules keep their magnitude (" + ("lora_magnitude_vector: diffusers and PEFT apply it"
                      if peft else "dora_scale: ComfyUI applies it; diffusers' kohya loader drops it") + ")")
