@@ -518,7 +518,10 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
     notes: list[str] = []
     above: list[str] = []
     widened: list[str] = []
-    for key, plan in layers.items():
+    methods = {plan.conversion.method for plan in layers.values()}
+    kept_magnitude = any(plan.magnitude is not None for plan in layers.values())
+    for key in list(layers):
+        plan = layers.pop(key)  # its float32 factors go as its stored ones come: at most twice the file
         shape = tuple(targets[key].weight_shape)
         contributions = per_layer[key]
         delta = plan.delta if plan.delta is not None else _plain_delta(contributions, shape)
@@ -543,10 +546,10 @@ def merge_plans(items: list[MergeItem], layout, rank: int | str = "exact", max_e
     if above:
         notes.append(f"{len(above)} module(s) (e.g. {above[0]}) stay above max_error {max_error:g} even in fp32 at "
                      "the largest rank allowed: allow a larger rank")
-    if any(plan.magnitude is not None for plan in layers.values()):
+    if kept_magnitude:
         notes.append("DoRA modules keep their magnitude (" + ("lora_magnitude_vector: diffusers and PEFT apply it"
                      if peft else "dora_scale: ComfyUI applies it; diffusers' kohya loader drops it") + ")")
-    if any(plan.conversion.method == "baked" for plan in layers.values()):
+    if "baked" in methods:
         notes.append("DoRA layers in a stack were baked through the base weights: their LoRA is exact for that "
                      "base model only")
     if single:

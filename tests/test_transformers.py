@@ -483,18 +483,24 @@ def test_a_converted_transformer_lora_loads_in_diffusers_to_our_weights(tmp_path
     assert conversion.modules and all(m.method == "exact" and m.error < 1e-5 for m in conversion.modules)
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
                for k in conversion.tensors)
+    base, got, expected, changed = loaded_both_ways(family, source, out)
+    assert len(changed) == len(conversion.modules)
+    for key in changed:
+        assert_patched(got[key], base[key], expected[key] - base[key], key)
+
+
+def loaded_both_ways(family, source, lora):
+    """The transformer weights: before, after diffusers' ``load_lora_weights`` + ``fuse_lora`` of
+    ``lora``, after our load of ``source``; and the keys our load changed."""
     ours = make_pipe(family)
     ours.load_lycoris(source)
     theirs = make_pipe(family)
     base = {k: v.clone() for k, v in theirs.transformer.state_dict().items()}
-    theirs.load_lora_weights(str(out))
+    theirs.load_lora_weights(str(lora))
     theirs.fuse_lora()
     theirs.unload_lora_weights()
     got, expected = theirs.transformer.state_dict(), ours.transformer.state_dict()
-    changed = [k for k in base if not torch.equal(expected[k], base[k])]
-    assert len(changed) == len(conversion.modules)
-    for key in changed:
-        assert_patched(got[key], base[key], expected[key] - base[key], key)
+    return base, got, expected, [k for k in base if not torch.equal(expected[k], base[k])]
 
 
 def test_a_converted_transformer_lora_is_a_peft_lora(tmp_path):
@@ -532,15 +538,7 @@ def test_a_dora_transformer_file_converts_with_peft_magnitudes_that_diffusers_ap
     PEFT's ``lora_magnitude_vector``; diffusers loads it as a DoRA LoRA and fuses it to our weights."""
     source, out, conversion = _converted(tmp_path, "flux1", "lokr_dora_out", "diffusers")
     assert any(k.endswith("lora_magnitude_vector") for k in conversion.tensors)
-    ours = make_pipe("flux1")
-    ours.load_lycoris(source)
-    theirs = make_pipe("flux1")
-    base = {k: v.clone() for k, v in theirs.transformer.state_dict().items()}
-    theirs.load_lora_weights(str(out))
-    theirs.fuse_lora()
-    theirs.unload_lora_weights()
-    got, expected = theirs.transformer.state_dict(), ours.transformer.state_dict()
-    changed = [k for k in base if not torch.equal(expected[k], base[k])]
+    _, got, expected, changed = loaded_both_ways("flux1", source, out)
     assert len(changed) == len(conversion.modules)
     for key in changed:
         assert max_rel(got[key], expected[key], expected[key]) <= 1e-5, key
