@@ -279,7 +279,7 @@ def test_the_save_node_writes_the_stack_as_one_lora_that_comfyui_loads_to_the_st
 
 
 def test_the_save_node_refuses_before_writing(comfy):
-    """A name outside the loras folder, an empty stack and a DoRA file are refused; nothing is written."""
+    """A name outside the loras folder, an empty stack and a bad rank are refused; nothing is written."""
     from lohakr.loaders.errors import LohakrError
     from lohakr.nodes.definitions import StackEntry, run_save_lora
 
@@ -291,6 +291,23 @@ def test_the_save_node_refuses_before_writing(comfy):
         run_save_lora(model, [StackEntry(plain, 1.0, 1.0)], "../outside")
     with pytest.raises(LohakrError, match="nothing to save"):
         run_save_lora(model, [StackEntry(plain, 0.0, 0.0)], "empty")
-    with pytest.raises(LohakrError, match="DoRA"):
-        run_save_lora(model, [StackEntry(dora, 1.0, 1.0)], "dora")
+    with pytest.raises(LohakrError, match="rank 'many'"):
+        run_save_lora(model, [StackEntry(dora, 1.0, 1.0)], "dora", "many")
     assert sorted(p.name for p in comfy.rglob("*")) == before
+
+
+def test_the_save_node_bakes_dora_on_fused_rows_through_the_models_weights(comfy):
+    """A DoRA LoKr in diffusers names patches rows of ComfyUI's fused Flux layers: saved, those layers
+    are the SVD of what it does to the model's weights (exact rank); ComfyUI's loader gives our weights."""
+    import nodes as comfy_nodes
+    from lohakr.nodes.definitions import StackEntry, run_apply_stack, run_save_lora
+
+    stack = [StackEntry(diffusers_named_file(comfy, "flux1", "lokr_dora_out"), 0.8, 1.0)]
+    model = build_comfy("flux1")
+    (text,), _ = run_save_lora(model, stack, "saved/flux_dora", "exact", 0.0, "fp32")
+    assert "baked" in text
+    (ours, _), _ = run_apply_stack(model, stack)
+    (native,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "saved/flux_dora.safetensors", 1.0)
+    ours_state, native_state = loaded(ours), loaded(native)
+    for key in ours_state:
+        assert_close(native_state[key], ours_state[key], key)
