@@ -325,8 +325,8 @@ def convert_adapter(adapter, layout, rank: int | str = "exact", max_error: float
     exact sum), stored in ``dtype`` (default: the adapter's own), the error measured after that cast.
     SDXL/SD1.5: a kohya file (``lora_up``/``lora_down``/``alpha``, one alpha for the file); a
     transformer family: diffusers/PEFT names (``transformer.<path>.lora_A/lora_B``, the scale in
-    ``lora_B``). A conv's ``down`` is ``(R, I, k…)``, its ``up`` ``(O, R, 1…)``. Refuses DoRA modules
-    (a DoRA update depends on the base weights) and modules that do not apply (``plan_load``'s refusals)."""
+    ``lora_B``). A conv's ``down`` is ``(R, I, k…)``, its ``up`` ``(O, R, 1…)``. DoRA as ``merge_plans``
+    says; modules that do not apply are refused as ``plan_load`` refuses them."""
     return merge_adapters([(adapter, 1.0)], layout, rank, max_error, dtype)
 
 

@@ -59,6 +59,12 @@ class TransformerFamily:
                 return f"{scope.block}{int(match.group(1)):02d}"
         return "OTHER"
 
+    def text_encoder_block(self, component: str) -> str:
+        """``TE`` for a family's only text encoder, else ``TE1``… by the encoder's place in the family."""
+        if len(self.text_encoders) == 1:
+            return "TE"
+        return f"TE{list(self.text_encoders).index(component) + 1}"
+
     @property
     def block_groups(self) -> tuple[str, ...]:
         return tuple(scope.block for scope in self.scopes if scope.block)

@@ -126,9 +126,9 @@ class ModelLayout:
         text encoders, from the live modules and the family's tables (``families.py``)."""
         layout = cls(family=family.id, targets={})
         encoders = {c: m for c, m in (text_encoders or {}).items() if m is not None and c in family.text_encoders}
-        for number, (component, model) in enumerate(encoders.items(), start=1):
+        for component, model in encoders.items():
             layout.components[component] = model
-            block = "TE" if len(family.text_encoders) == 1 else f"TE{number}"
+            block = family.text_encoder_block(component)
             for path, layer in patchable_layers(model):
                 layout.targets[f"{component}.{path}"] = LayerTarget(component, path, tuple(layer.weight.shape), block,
                                                                      layer)
@@ -149,8 +149,8 @@ class ModelLayout:
         fuses resolve to rows of the fused layer: of ``n`` fused layers, each but the last has as many
         rows as the layer has inputs (q, k, v), the last the rest (Flux.1's MLP in ``linear1``)."""
         layout = cls(family=family.id, targets={})
-        for number, (component, encoder_layers) in enumerate((text_encoders or {}).items(), start=1):
-            block = "TE" if len(family.text_encoders) == 1 else f"TE{number}"
+        for component, encoder_layers in (text_encoders or {}).items():
+            block = family.text_encoder_block(component)
             prefixes = family.text_encoders.get(component, ())
             for path, (shape, host_key) in encoder_layers.items():
                 target = LayerTarget(component, path, tuple(shape), block, host_key=host_key)
@@ -165,8 +165,7 @@ class ModelLayout:
                 _register_diffusers_names(layout, target, spec)
         for path in layers:  # layers both schemes name alike (most of Z-Image and Qwen-Image)
             layout.register(layout.targets[f"transformer.{path}"], _transformer_names(path))
-        present = {t.block for t in layout.targets.values()}
-        layout.blocks = sorted(present | {"OTHER"}, key=_transformer_block_order(family))
+        _set_transformer_blocks(layout, family)
         return layout
 
     @classmethod
@@ -359,8 +358,7 @@ def _register_transformer_names(layout: ModelLayout, family: TransformerFamily) 
     for path in paths:
         layout.register(layout.targets[f"transformer.{path}"], [f"diffusion_model.{path}",
                                                                 f"lora_unet_{_underscored(path)}"])
-    present = {t.block for t in targets}
-    layout.blocks = sorted(present | {"OTHER"}, key=_transformer_block_order(family))
+    _set_transformer_blocks(layout, family)
 
 
 def _transformer_names(path: str) -> list[str]:
@@ -410,16 +408,9 @@ def _register_original(layout: ModelLayout, original: str, spec: Original) -> No
             layout.register(targets[f"transformer.{spec}"], names)
         return
     if isinstance(spec, tuple):
-        path, how = spec
-        target = targets.get(f"transformer.{path}")
-        if target is None:
-            return
-        rows, width = target.weight_shape[0], math.prod(target.weight_shape[1:])
-        if how == SWAPPED_IF_TWO_HALVES and rows != 2 * width:
-            layout.register(target, names)
-            return
-        half = rows // 2
-        layout.register_composite([(target.key, (half, rows)), (target.key, (0, half))], names)
+        target = targets.get(f"transformer.{spec[0]}")
+        if target is not None:
+            _register_halves(layout, target, spec[1], names)
         return
     keys = [f"transformer.{path}" for path in spec]
     if all(key in targets for key in keys):
@@ -429,18 +420,13 @@ def _register_original(layout: ModelLayout, original: str, spec: Original) -> No
 def _register_diffusers_names(layout: ModelLayout, target: LayerTarget, spec: Original) -> None:
     """The diffusers names of an original layer ``target``: aliases of it, or rows of it where the
     original fuses several diffusers layers or orders its halves otherwise."""
-    rows, width = target.weight_shape[0], math.prod(target.weight_shape[1:])
     if isinstance(spec, str):
         layout.register(target, _transformer_names(spec))
         return
     if isinstance(spec, tuple):
-        path, how = spec
-        if how == SWAPPED_IF_TWO_HALVES and rows != 2 * width:
-            layout.register(target, _transformer_names(path))
-            return
-        half = rows // 2
-        layout.register_composite([(target.key, (half, rows)), (target.key, (0, half))], _transformer_names(path))
+        _register_halves(layout, target, spec[1], _transformer_names(spec[0]))
         return
+    rows, width = target.weight_shape[0], math.prod(target.weight_shape[1:])
     last = rows - width * (len(spec) - 1)
     if last <= 0:
         return
@@ -449,6 +435,23 @@ def _register_diffusers_names(layout: ModelLayout, target: LayerTarget, spec: Or
         height = last if n == len(spec) - 1 else width
         layout.register_composite([(target.key, (start, start + height))], _transformer_names(path))
         start += height
+
+
+def _register_halves(layout: ModelLayout, target: LayerTarget, how: str, names: list[str]) -> None:
+    """``names`` for ``target`` with its two halves swapped (the same in both directions); under
+    ``SWAPPED_IF_TWO_HALVES`` only where the layer has twice as many rows as inputs, else as it is."""
+    rows, width = target.weight_shape[0], math.prod(target.weight_shape[1:])
+    if how == SWAPPED_IF_TWO_HALVES and rows != 2 * width:
+        layout.register(target, names)
+        return
+    half = rows // 2
+    layout.register_composite([(target.key, (half, rows)), (target.key, (0, half))], names)
+
+
+def _set_transformer_blocks(layout: ModelLayout, family: TransformerFamily) -> None:
+    """The layout's blocks: its text encoders', then the family's kinds in order, then OTHER."""
+    present = {t.block for t in layout.targets.values()}
+    layout.blocks = sorted(present | {"OTHER"}, key=_transformer_block_order(family))
 
 
 def _transformer_block_order(family: TransformerFamily):

@@ -300,10 +300,8 @@ class LayerUpdate:
         return None
 
     def _sliced(self, factors: dict[str, Tensor], start: int, stop: int) -> LayerUpdate:
-        """This update with ``factors`` and the matching rows of its DoRA magnitude."""
-        problem = self.why_not_splittable()
-        if problem:
-            raise AdapterShapeError(problem)
+        """This update with ``factors`` and the matching rows of its DoRA magnitude (``row_pieces``
+        has checked that it can be split)."""
         magnitude = None if self.dora_scale is None else self.dora_scale[start:stop]
         return replace(self, factors=factors, dora_scale=magnitude)
 

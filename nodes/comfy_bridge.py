@@ -43,6 +43,7 @@ TRANSFORMER_TEXT_ENCODERS = {
     "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
 }
 MODEL_COMPONENTS = ("unet", "transformer")
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -250,7 +251,7 @@ def apply_stack(model: Any | None, clip: Any | None, items: Iterable[StackItem],
 
     host_weights = _host_weights(model if use_model else None, clip if use_clip else None)
     sides = set(MODEL_COMPONENTS) if use_model else set()
-    sides |= {"text_encoder", "text_encoder_2", "text_encoder_3"} if use_clip else set()
+    sides |= set(TEXT_ENCODER_COMPONENTS) if use_clip else set()
     on_weight: dict[str, list[tuple[LayerUpdate, float]]] = {}  # every module and strength on a host weight
     groups_per_item = [_patch_groups(item, plan, sides, host_weights, on_weight) for item, plan in planned]
     _check_finite(host_weights, on_weight)
@@ -286,9 +287,7 @@ def save_stack_as_lora(model: Any, clip: Any | None, items: Iterable[StackItem],
     layout = comfy_layout(model, clip)
     merged = []
     for item in items:
-        strengths = {"unet": item.strength_model, "transformer": item.strength_model,
-                     "text_encoder": item.strength_clip, "text_encoder_2": item.strength_clip,
-                     "text_encoder_3": item.strength_clip}
+        strengths = _component_strengths(item)
         plan = plan_load(adapter_cache.load(item.path), layout, name=item.name, block_weights=item.block_weights,
                          strengths={"model": item.strength_model, "clip": item.strength_clip})
         strength_of = functools.partial(composed_strength, strengths, plan.block_weights)
@@ -306,9 +305,7 @@ def _patch_groups(item: StackItem, plan: LoadPlan, sides: set[str], host_weights
     """One stack item's patch values, grouped by (CLIP side, strength) as ``add_patches`` takes them;
     each module and its strength is also recorded per host weight in ``on_weight``. ``sides``: the
     components patched at all (a side at strength 0 everywhere is left out)."""
-    component_strengths = {"unet": item.strength_model, "transformer": item.strength_model,
-                           "text_encoder": item.strength_clip, "text_encoder_2": item.strength_clip,
-                           "text_encoder_3": item.strength_clip}
+    component_strengths = _component_strengths(item)
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for match in plan.matches:
         if match.target.component not in sides:
@@ -327,6 +324,12 @@ def _patch_groups(item: StackItem, plan: LoadPlan, sides: set[str], host_weights
             else:
                 patches[key] = _patch_value(match.module, match.target, dtype, bias)
     return groups
+
+
+def _component_strengths(item: StackItem) -> dict[str, float]:
+    """A stack item's strength per component: the model's for the denoiser, CLIP's for every text encoder."""
+    return {**dict.fromkeys(MODEL_COMPONENTS, item.strength_model),
+            **dict.fromkeys(TEXT_ENCODER_COMPONENTS, item.strength_clip)}
 
 
 def _add_to_patch(patches: dict[str, Any], key: str, module: LayerUpdate, target: LayerTarget,
