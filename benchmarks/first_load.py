@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--adapters", default="loha_d32_tucker,lokr_f8,lokr_full_w2")
+    parser.add_argument("--contenders", default="all",
+                        help="comma-separated runs to make, as contender/memory (lohakr/copied,lycoris/mapped,...)")
     parser.add_argument("--json")
     parser.add_argument("--report")
     parser.add_argument("--markdown", action="store_true", help="with --report: the table of benchmarks/README.md")
@@ -271,6 +273,9 @@ def main(argv=None) -> int:
                 ("lycoris", "copied")]
         if os.environ.get("COMFYUI_DIR"):
             runs.append(("comfyui", "copied"))
+        if args.contenders != "all":
+            chosen = {tuple(item.split("/")) for item in args.contenders.split(",")}
+            runs = [run for run in runs if run in chosen]
         bounds = []
         for _ in range(args.reps):  # interleaved, so a drifting machine slows all alike
             peaks = machine_peaks("cpu")

@@ -158,6 +158,34 @@ def one_pass(out: Tensor, source: Tensor, update: LayerUpdate, strength: float,
     return any(strategy(out, source, update, value, workspace) for strategy in ONE_PASS_STRATEGIES)
 
 
+def patch_from_file(weight: Tensor, original: tuple[int, int], contributions: Sequence[Contribution],
+                    check: bool, workspace: Workspace | None = None) -> bool | None:
+    """Strategy 1 in place over a weight whose original is in a file (``original``: descriptor and
+    offset), with reading the original folded into the same pass: each block is read from the file
+    and patched while it is in cache (docs/architecture.md#originals-in-files). ``check`` (the first
+    write, over the original itself): each block is compared with the file instead of read into
+    the weight; True: equal, and patched; False: the weight differs from the file and is left
+    exactly as it was. Without ``check`` (over patched values): True. None: no kernel does this for
+    these contributions (a LoKr alone on a half/bfloat16 CPU weight does), nothing read or written."""
+    contributions = [(update, strength) for update, strength in contributions if strength != 0]
+    if len(contributions) != 1:
+        return None
+    update, strength = contributions[0]
+    if (not isinstance(update, LokrUpdate) or update.dora or not weight.is_contiguous()
+            or not native.usable(weight)):
+        return None
+    workspace = workspace or Workspace()
+    update.check_shape(tuple(weight.shape))
+    try:
+        w1, w2 = update.factors_w1_w2(weight.device, workspace.cache)
+        rows = w1.shape[0] * w2.shape[0]
+        value = strength * update.scale
+        return native.kron_add_from_file(weight.view(rows, -1), w1 * value, w2.reshape(w2.shape[0], -1), *original,
+                                         check)
+    finally:
+        workspace.cache.clear()
+
+
 # -- strategy 2: float32 row blocks ------------------------------------------------------------------
 def _row_blocks(out: Tensor, source: Tensor, contributions: Sequence[Contribution], workspace: Workspace) -> None:
     rows_out, rows_source = out.view(out.shape[0], -1), source.view(out.shape[0], -1)

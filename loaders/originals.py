@@ -23,17 +23,15 @@ Four places, chosen per weight:
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .apply import restore, shares_memory
+from . import apply
+from .apply import Contribution, Workspace, restore, shares_memory
 from .names import LayerTarget
-from .sources import MADV_POPULATE_READ, FileTensor, MappedFile, SourceIndex, mapped_files, mapping_of
+from .sources import FileTensor, MappedFile, SourceIndex, mapped_files, mapping_of
 
 # "auto" keeps originals on the GPU only when this much GPU memory stays free afterwards: the larger
 # of 4 GiB and a fifth of the card (room for SDXL activations and the VAE decode).
@@ -138,17 +136,47 @@ class OriginalStore:
         live = layer_of(target).weight.detach()
         if kept.file is None:
             return kept.weight if kept.weight.device == live.device else kept.weight.to(live.device)
-        if kept.written:
-            return kept.file.view(populate=True).to(live.device)
-        if same_bytes(live, kept.file.view()):
+        if kept.written:  # the original back into the weight's own storage, then patched in place
+            kept.file.read_into(live)
+            return live
+        if kept.file.equals(live):
             kept.written = True
             return live
-        self.notes.append(f"{target.key}: the weight differs from {kept.file.file.path} [{kept.file.key}] (cast, "
-                          "edited or moved since loading), so its original is kept in memory")
+        self._keep_in_memory(kept, live)
+        return kept.weight if kept.weight.device == live.device else live
+
+    def write_from_file(self, target: LayerTarget, contributions: list[Contribution], workspace: Workspace) -> bool:
+        """Write a weight whose original is in its file in one native pass that reads the original
+        as it patches (``apply.patch_from_file``), where one fits: True when done. On the first
+        write the pass also checks the weight against the file; the file is the original from then
+        on. False when the caller is to write it the usual way (``source_for_write``): no such pass
+        fits, or the weight differs from the file and its original is now kept in memory (with a
+        note)."""
+        kept = self._kept[target.key]
+        live = layer_of(target).weight.detach()
+        if kept.file is None or live.device.type != "cpu":
+            return False
+        location = kept.file.location()
+        if location is None:
+            return False
+        with kept.file.file.reading():
+            outcome = apply.patch_from_file(live, location, contributions, not kept.written, workspace)
+        if outcome is None:
+            return False
+        if outcome:
+            kept.written = True
+            return True
+        self._keep_in_memory(kept, live)
+        return False
+
+    def _keep_in_memory(self, kept: Original, live: Tensor) -> None:
+        """A file original whose live weight no longer equals the file: the live weight is the
+        original from now on, kept in memory as without a file; a note says why."""
+        self.notes.append(f"{kept.target.key}: the weight differs from {kept.file.file.path} [{kept.file.key}] "
+                          "(cast, edited or moved since loading), so its original is kept in memory")
         device = originals_placement(self.policy, [live])[live.device]
         kept.weight = live if device == live.device else live.to(device, copy=True)
         kept.file = None
-        return kept.weight if kept.weight.device == live.device else live
 
     def put_back(self, target: LayerTarget) -> None:
         """Give ``target`` its original weight and bias back, bit for bit, and forget them."""
@@ -156,8 +184,7 @@ class OriginalStore:
         layer = layer_of(target)
         if kept.file is not None:
             if kept.written:
-                with torch.no_grad():
-                    layer.weight.copy_(kept.file.view(populate=True))
+                kept.file.read_into(layer.weight.detach())
         else:
             restore(layer.weight, kept.weight)
         if kept.bias is not None:
@@ -243,71 +270,6 @@ def layer_of(target: LayerTarget) -> nn.Module:
     if target.layer is None:
         raise ValueError(f"{target.key}: this layout has no live layer to patch")
     return target.layer
-
-
-def same_bytes(live: Tensor, stored: Tensor) -> bool:
-    """True when ``live`` holds exactly ``stored``'s bytes (dtype, element count, every bit: NaN
-    payloads and signed zeros included), compared on ``live``'s device: on the CPU by the C
-    library's ``memcmp`` (several times faster than ``torch.equal`` on the first load, where this
-    check reads the whole model twice)."""
-    if live.dtype != stored.dtype or live.numel() != stored.numel():
-        return False
-    if live.device.type == "cpu" and live.is_contiguous() and stored.is_contiguous() and _libc is not None:
-        return _same_bytes_cpu(live.data_ptr(), stored.data_ptr(), live.numel() * live.element_size())
-    size = live.element_size()
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
-    a = live.reshape(-1).view(as_int)
-    b = stored.reshape(-1).view(as_int).to(live.device)
-    return bool(torch.equal(a, b))
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.memcmp.restype = libc.madvise.restype = ctypes.c_int
-        libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    except (OSError, AttributeError):  # no C library to call (an unusual platform): torch.equal instead
-        return None
-    return libc
-
-
-_libc = _load_libc()
-_PAGE = mmap.PAGESIZE
-_SPLIT_BYTES = 4 << 20  # a weight below this is compared on one thread
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _same_bytes_cpu(live: int, stored: int, size: int) -> bool:
-    """``memcmp`` of two CPU ranges, the second a file mapping whose pages are mapped in one call
-    first (``MADV_POPULATE_READ``, a hint: not a fault per few pages). A large weight is split
-    across PyTorch's threads (ctypes calls release the GIL): the compare is bound by memory
-    bandwidth, which one core does not fill. The first load in place reads the whole model and its
-    file this way (benchmarks/README.md#first-load)."""
-    def compare(offset: int, length: int) -> bool:
-        start = stored + offset
-        aligned = start - start % _PAGE
-        _libc.madvise(aligned, start + length - aligned, MADV_POPULATE_READ)
-        return _libc.memcmp(live + offset, start, length) == 0
-
-    parts = min(torch.get_num_threads(), size // _SPLIT_BYTES)
-    if parts <= 1:
-        return compare(0, size)
-    step = -(-size // parts)
-    step += -step % _PAGE
-    pending = [_compare_pool(parts).submit(compare, offset, min(step, size - offset))
-               for offset in range(step, size, step)]
-    here = compare(0, step)
-    return all([f.result() for f in pending]) and here
-
-
-def _compare_pool(parts: int) -> ThreadPoolExecutor:
-    """Threads for all but the first part (the caller compares that one), kept for reuse."""
-    global _pool, _pool_size
-    if _pool is None or _pool_size < parts - 1:
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="lohakr-compare"), parts - 1
-    return _pool
 
 
 def _nbytes(tensor: Tensor) -> int:

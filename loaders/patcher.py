@@ -247,13 +247,15 @@ class WeightPatcher:
         over a weight whose original is its source file)."""
         layer = layer_of(target)
         param = layer.weight
-        source = self.originals.source_for_write(target)  # may move a file original to memory
+        if not self.originals.write_from_file(target, contributions, workspace):
+            source = self.originals.source_for_write(target)  # may move a file original to memory
+            kept = self.originals.get(target.key)
+            fresh = kept.file is None and apply.shares_memory(param, kept.weight)
+            weight = (storage if storage is not None else torch.empty_like(param)) if fresh else param.detach()
+            apply.patch(weight, source, contributions, workspace)
+            if fresh:
+                param.data = weight
         kept = self.originals.get(target.key)
-        fresh = kept.file is None and apply.shares_memory(param, kept.weight)
-        weight = (storage if storage is not None else torch.empty_like(param)) if fresh else param.detach()
-        apply.patch(weight, source, contributions, workspace)
-        if fresh:
-            param.data = weight
         if kept.bias is not None:
             apply.write_bias(layer, kept.bias, contributions, in_place=False)
 

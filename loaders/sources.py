@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import file_reads
 from .errors import LohakrError, SourceFileChangedError
 from .names import LayerTarget
 from .stored import read_header
@@ -77,6 +78,12 @@ class SafetensorsFile:
             header_length = int.from_bytes(handle.read(8), "little")
         self.tensors, self.metadata = read_header(self.path, header_length, self.identity.size)
         self._map: mmap.mmap | None = None
+        self._fd: int | None = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
     def check_unchanged(self) -> None:
         """Raise ``SourceFileChangedError`` if the file is not the one read at first (replaced, rewritten,
@@ -92,6 +99,60 @@ class SafetensorsFile:
                 f"{now.size} bytes, or modified), so it no longer holds the original weights; the model was left as "
                 "it is: reload the model to unload or re-weight adapters"
             )
+
+    def read_into(self, key: str, out: Tensor) -> None:
+        """Tensor ``key``'s bytes copied into ``out`` (its storage kept): ``pread`` from the page cache
+        for a contiguous CPU tensor, else through the memory map."""
+        if out.device.type == "cpu" and out.is_contiguous() and file_reads.available():
+            self._check_size(key, out)
+            with self.reading():
+                file_reads.read_into(self._descriptor(), self.tensors[key].start, out)
+            return
+        with torch.no_grad():
+            out.copy_(self.view(key, populate=True).view(out.shape))
+
+    def equals(self, key: str, live: Tensor) -> bool:
+        """True when ``live`` holds exactly tensor ``key``'s bytes (dtype, size and every bit)."""
+        dtype = TORCH_DTYPES.get(self.tensors[key].dtype)
+        if dtype != live.dtype or self.tensors[key].numel() != live.numel():
+            return False
+        if live.device.type == "cpu" and live.is_contiguous() and file_reads.available():
+            with self.reading():
+                return file_reads.equals(self._descriptor(), self.tensors[key].start, live)
+        return file_reads.same_bytes(live, self.view(key).view(live.shape))
+
+    def _check_size(self, key: str, tensor: Tensor) -> None:
+        stored = self.tensors[key]
+        if stored.stop - stored.start != tensor.numel() * tensor.element_size():
+            raise ValueError(f"{self.path} [{key}]: {stored.stop - stored.start} bytes, not the tensor's "
+                             f"{tensor.numel() * tensor.element_size()}")
+
+    def _descriptor(self) -> int:
+        """The file opened for ``pread`` once, checked to be the file whose header was read."""
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            stat = os.fstat(fd)
+            if FileIdentity(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.identity:
+                os.close(fd)
+                self.check_unchanged()  # raises with the reason
+                raise SourceFileChangedError(f"{self.path}: the file changed on disk while it was opened")
+            self._fd = fd
+        return self._fd
+
+    def location(self, key: str) -> tuple[int, int] | None:
+        """``(descriptor, offset)`` of tensor ``key`` for a native kernel that reads it with ``pread``
+        (opened and checked once), or None where ``pread`` is not available."""
+        return (self._descriptor(), self.tensors[key].start) if file_reads.available() else None
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Reads of this file inside the block: one cut shorter than its header says is a changed
+        file, said as such."""
+        try:
+            yield
+        except (file_reads.ShortReadError, EOFError) as err:
+            raise SourceFileChangedError(f"{self.path}: {err}: the file was truncated since it was read; the "
+                                         "model was left as it is: reload it") from err
 
     def view(self, key: str, populate: bool = False) -> Tensor:
         """Tensor ``key`` as a view of the file mapped read-only (a write would fault: nothing can
@@ -126,6 +187,18 @@ class FileTensor:
 
     def view(self, populate: bool = False) -> Tensor:
         return self.file.view(self.key, populate).view(self.shape)
+
+    def location(self) -> tuple[int, int] | None:
+        """``(descriptor, offset)`` of the original's bytes, for a kernel that reads them itself."""
+        return self.file.location(self.key)
+
+    def read_into(self, out: Tensor) -> None:
+        """The original's bytes into ``out``, in place."""
+        self.file.read_into(self.key, out)
+
+    def equals(self, live: Tensor) -> bool:
+        """True when ``live`` still holds exactly the original's bytes."""
+        return self.file.equals(self.key, live)
 
     @property
     def nbytes(self) -> int:

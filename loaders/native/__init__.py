@@ -142,6 +142,9 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.lohakr_loha_add.argtypes = [pointer, pointer, code, pointer, pointer, size, size, pointer, pointer,
                                         ctypes.c_float, size, size, size, pointer, code]
     library.lohakr_loha_add.restype = None
+    library.lohakr_kron_add_from_file.argtypes = [pointer, code, pointer, pointer, size, size, size, size, code, size,
+                                                  code, pointer, size, code]
+    library.lohakr_kron_add_from_file.restype = code
     return library
 
 
@@ -309,6 +312,54 @@ def kron_add(out: Tensor, source: Tensor, w1_scaled: Tensor, w2: Tensor) -> None
     w2 = w2.contiguous().float()
     library.lohakr_kron_add(source.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], w1_scaled.data_ptr(),
                             w2.data_ptr(), a * b, b, c, k, _threads(out.numel()))
+
+
+# Each thread of ``kron_add_from_file`` reads (and compares) and patches this many bytes at a time
+# (at least a row): a block that stays in its core's L2 between the read and the patch.
+FILE_BLOCK_BYTES = 256 << 10
+_SHORT_FILE, _NOT_RESTORED = -100000, -200000
+_file_buffers = threading.local()
+
+
+class NotRestoredError(RuntimeError):
+    """A checked patch found a difference or a failed read and could not put back rows it had
+    already patched: the weight is partly patched."""
+
+
+def kron_add_from_file(weight: Tensor, w1_scaled: Tensor, w2: Tensor, fd: int, offset: int, check: bool) -> bool:
+    """``kron_add`` in place on ``weight`` (half/bfloat16, contiguous, on the CPU) from its original,
+    file ``fd``'s bytes at ``offset``, read in the same pass, a block at a time, patched while in
+    cache: one pass where reading (or comparing) first and patching after takes two.
+
+    ``check`` (a first write over the original itself): each block is compared with the file just
+    before it is patched. True: the weight equalled the file and is patched. False: it differs, and
+    is left exactly as it was. Without ``check`` (over patched values) each block is first read back
+    from the file into the weight; always True.
+    Raises ``EOFError`` if the file is shorter than the weight (truncated since its header was
+    read) and ``OSError`` for a failed read: with ``check`` the weight is as it was, unless
+    ``NotRestoredError``. Callers check ``usable`` first."""
+    library = _load()
+    (a, c), (b, k) = w1_scaled.shape, w2.shape
+    if weight.numel() != a * b * c * k or weight.dtype not in DTYPE_CODES or not weight.is_contiguous():
+        raise ValueError(f"Kronecker factors {tuple(w1_scaled.shape)} ⊗ {tuple(w2.shape)} do not fit "
+                         f"{tuple(weight.shape)}")
+    w1_scaled = w1_scaled.contiguous().float()
+    w2 = w2.contiguous().float()
+    threads = _threads(weight.numel())
+    per_thread = max(FILE_BLOCK_BYTES, c * k * weight.element_size())
+    buffer = getattr(_file_buffers, "buffer", None)
+    if buffer is None or buffer.numel() < threads * per_thread:
+        buffer = _file_buffers.buffer = torch.zeros(threads * per_thread, dtype=torch.uint8)  # touched once
+    status = library.lohakr_kron_add_from_file(weight.data_ptr(), DTYPE_CODES[weight.dtype], w1_scaled.data_ptr(),
+                                               w2.data_ptr(), a * b, b, c, k, fd, offset, int(check),
+                                               buffer.data_ptr(), per_thread, threads)
+    if status in (0, 1):
+        return status == 0
+    if status == _NOT_RESTORED:
+        raise NotRestoredError("a read of the source file failed while patched rows were being put back")
+    if status == _SHORT_FILE:
+        raise EOFError(f"the file ends before byte {offset + weight.numel() * weight.element_size()}")
+    raise OSError(-status, os.strerror(-status))
 
 
 def hadamard_add(out: Tensor, source: Tensor, p: Tensor, q: Tensor, value: float) -> None:

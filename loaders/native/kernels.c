@@ -17,7 +17,11 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <errno.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 /* Every helper is inlined where the dtype is a constant, so the inner loops carry no dtype test. */
 #define INLINE static inline __attribute__((always_inline))
@@ -122,6 +126,89 @@ void lohakr_kron_add(const void *src, void *dst, int dtype, const float *w1v, co
         else
             kron_row(src, dst, 2, w1v, w2, r, b, c, k);
     }
+}
+
+/* Exactly `n` bytes of file `fd` at `offset` into `into`: 0, or -errno, or SHORT_FILE when
+ * the file ends first. */
+#define SHORT_FILE (-100000)
+#define NOT_RESTORED (-200000)
+static int64_t read_exactly(int fd, char *into, int64_t n, int64_t offset) {
+    while (n > 0) {
+        ssize_t got = pread(fd, into, n > 0x7FFFF000 ? 0x7FFFF000 : (size_t)n, (off_t)offset);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (got == 0)
+            return SHORT_FILE;
+        into += got, n -= got, offset += got;
+    }
+    return 0;
+}
+
+/* lohakr_kron_add in place on a weight whose original is the file's bytes at `offset`, read in the
+ * same pass (pread from the page cache: no page-table entries for a mapping of the file), a block
+ * of rows at a time, patched while it is still in cache:
+ * - `check` (the first write): each block is read into this thread's part of `buffer`
+ *   (`buffer_bytes` each, at least one row) and compared with the weight before it is patched. One
+ *   pass instead of a compare pass and a patch pass.
+ *   Returns 0: every row equalled the file and is patched. 1: a row differs (the weight was cast,
+ *   edited or moved since it was loaded): the weight is left exactly as it was, the rows already
+ *   patched read back from the file, which they equalled.
+ * - not `check` (a later write, over patched values): each block is read from the file into the
+ *   weight itself, the original back, then patched. Returns 0.
+ * Below 0: a read failed (-errno, or SHORT_FILE when the file ends first); with `check` the
+ * weight is left as it was, unless putting patched rows back failed too (NOT_RESTORED); without
+ * it, rows up to the failure hold the new values and the rest the old ones. */
+int lohakr_kron_add_from_file(void *weight, int dtype, const float *w1v, const float *w2, int64_t rows,
+                              int64_t b, int64_t c, int64_t k, int fd, int64_t offset, int check,
+                              char *buffer, int64_t buffer_bytes, int threads) {
+    const int64_t row_bytes = c * k * 2;
+    int64_t block_rows = buffer_bytes / row_bytes;
+    if (block_rows < 1)
+        return -EINVAL;
+    int64_t first[threads], patched_to[threads];
+    for (int t = 0; t < threads; t++)
+        first[t] = patched_to[t] = 0;
+    int status = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int team = omp_get_num_threads(), me = omp_get_thread_num();
+        int64_t start = rows * me / team, stop = rows * (me + 1) / team, r = start;
+        char *base = (char *)weight, *into = check ? buffer + me * buffer_bytes : NULL;
+        first[me] = patched_to[me] = start;
+        while (r < stop) {
+            int seen;
+#pragma omp atomic read
+            seen = status;
+            if (seen != 0)
+                break;
+            int64_t n = stop - r < block_rows ? stop - r : block_rows, bytes = n * row_bytes;
+            int64_t failed = read_exactly(fd, check ? into : base + r * row_bytes, bytes, offset + r * row_bytes);
+            int verdict = failed ? (int)failed : check && memcmp(base + r * row_bytes, into, (size_t)bytes) != 0;
+            if (verdict != 0) {
+#pragma omp atomic write
+                status = verdict;
+                break;
+            }
+            for (int64_t q = r; q < r + n; q++) {
+                if (dtype == 1)
+                    kron_row(weight, weight, 1, w1v, w2, q, b, c, k);
+                else
+                    kron_row(weight, weight, 2, w1v, w2, q, b, c, k);
+            }
+            r += n;
+            patched_to[me] = r;
+        }
+    }
+    if (status != 0 && check)
+        for (int t = 0; t < threads; t++)
+            if (patched_to[t] > first[t] &&
+                read_exactly(fd, (char *)weight + first[t] * row_bytes, (patched_to[t] - first[t]) * row_bytes,
+                             offset + first[t] * row_bytes) != 0)
+                return NOT_RESTORED;
+    return status;
 }
 
 /* LoHa, n elements: dst[e] = round(fma(value * p[e], q[e], src[e])); p and q are the two Hadamard
