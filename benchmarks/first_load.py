@@ -23,6 +23,7 @@ The model files (6.3 GiB) and adapters are cached in benchmarks/.cache.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -122,6 +123,7 @@ def child(contender: str, memory: str, adapter_path: str) -> dict:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     parts = load_model(memory)
+    gc.collect()  # the model's own objects: a full collection they trigger is not charged to the next step
     model_anon = _status("RssAnon")
     result = {"contender": contender, "memory": memory, "model_load_s": time.perf_counter() - started}
     if contender.startswith("lohakr"):
@@ -183,6 +185,8 @@ model = comfy.sd.load_diffusion_model(model_dir + "/unet/diffusion_pytorch_model
 clip = comfy.sd.load_clip([model_dir + "/text_encoder/model.safetensors",
                            model_dir + "/text_encoder_2/model.safetensors"],
                           clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+import gc
+gc.collect()
 model_load = time.perf_counter() - started
 base = status("RssAnon")
 peak = [base]

@@ -6,8 +6,9 @@ Why not the memory map the rest of ``sources`` uses: mapping a cached file costs
 entry per 4 KiB page. For the 6 GiB of a full SDXL that is about 0.4 s on its own, before a byte
 is compared or copied; ``pread`` copies from the page cache without mapping anything, and the
 compare then reads a buffer that stays in the L2 cache (benchmarks/README.md#first-load). A large
-range is split across PyTorch's thread count (ctypes calls release the GIL): one core does not
-fill the memory bus.
+range is split across PyTorch's threads, by the native kernels where they are built (PyTorch's
+OpenMP team), else by a thread pool here (ctypes calls release the GIL): one core does not fill the
+memory bus.
 
 Without a C library to call (not Linux or macOS), ``available()`` is False and callers use the
 memory map instead.
@@ -15,6 +16,7 @@ memory map instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -60,6 +62,11 @@ def available() -> bool:
 def read_into(fd: int, offset: int, out: Tensor) -> None:
     """Fill contiguous CPU tensor ``out`` with the file's bytes at ``offset`` (its ``nbytes`` of them)."""
     address, size = _cpu_range(out)
+    kernels = _native()
+    if kernels is not None:
+        with _short_read():
+            kernels.file_read(fd, offset, address, size)
+        return
 
     def read(start: int, length: int) -> bool:
         _pread_exactly(fd, address + start, length, offset + start)
@@ -72,6 +79,10 @@ def equals(fd: int, offset: int, live: Tensor) -> bool:
     """True when contiguous CPU tensor ``live`` holds exactly the file's bytes at ``offset``, bit for
     bit (NaN payloads and signed zeros included). Stops early at the first difference."""
     address, size = _cpu_range(live)
+    kernels = _native()
+    if kernels is not None:
+        with _short_read():
+            return kernels.file_equals(fd, offset, address, size)
     differs = threading.Event()
 
     def compare(start: int, length: int) -> bool:
@@ -99,6 +110,22 @@ def same_bytes(live: Tensor, stored: Tensor) -> bool:
         return _libc.memcmp(live.data_ptr(), stored.data_ptr(), live.numel() * live.element_size()) == 0
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[live.element_size()]
     return bool(torch.equal(live.reshape(-1).view(as_int), stored.reshape(-1).view(as_int).to(live.device)))
+
+
+def _native():
+    """The native kernels' file reads where they are built: on PyTorch's own OpenMP threads, which
+    do not spin against this module's threads between one layer's patch and the next compare."""
+    from . import native
+
+    return native if native.loaded() else None
+
+
+@contextlib.contextmanager
+def _short_read():
+    try:
+        yield
+    except EOFError as err:
+        raise ShortReadError(str(err)) from err
 
 
 def _cpu_range(tensor: Tensor) -> tuple[int, int]:

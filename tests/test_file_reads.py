@@ -27,19 +27,27 @@ def written(tmp_path: Path, tensor: torch.Tensor, lead: int = 37) -> tuple[int, 
     return os.open(path, os.O_RDONLY), lead
 
 
-@pytest.fixture
-def split_small(monkeypatch):
-    """Ranges split across two threads from a few KiB on, small compare steps: the threaded paths."""
-    monkeypatch.setattr(file_reads, "SPLIT_BYTES", 4096)
-    monkeypatch.setattr(file_reads, "CHUNK_BYTES", 1000)
+@pytest.fixture(params=["native", "python"])
+def reads(request, monkeypatch):
+    """Both ways file_reads reads: the native kernels (on PyTorch's OpenMP threads) and its own
+    thread pool; ranges split across two threads from a few KiB on, in small blocks."""
+    if request.param == "native":
+        request.getfixturevalue("native_on")
+        monkeypatch.setattr(native, "FILE_SPLIT_BYTES", 4096)
+        monkeypatch.setattr(native, "FILE_BLOCK_BYTES", 1000)
+        monkeypatch.setattr(native, "FILE_READ_BLOCK_BYTES", 1000)
+    else:
+        monkeypatch.setattr(file_reads, "_native", lambda: None)
+        monkeypatch.setattr(file_reads, "SPLIT_BYTES", 4096)
+        monkeypatch.setattr(file_reads, "CHUNK_BYTES", 1000)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    yield request.param
     torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("size", [1, 999, 1000, 4096 * 3 + 5, 100_000])
-def test_equals_and_read_into_find_every_byte(tmp_path, split_small, size):
+def test_equals_and_read_into_find_every_byte(tmp_path, reads, size):
     original = torch.randint(0, 256, (size,), dtype=torch.uint8)
     fd, offset = written(tmp_path, original)
     try:
@@ -53,6 +61,8 @@ def test_equals_and_read_into_find_every_byte(tmp_path, split_small, size):
         assert torch.equal(target, original)
         with pytest.raises(file_reads.ShortReadError):  # asks past the end of the file
             file_reads.read_into(fd, offset + 1, target)
+        with pytest.raises(file_reads.ShortReadError):  # equal to the file's bytes up to its end
+            file_reads.equals(fd, offset + 1, torch.cat([original[1:], original[:1]]))
     finally:
         os.close(fd)
 

@@ -239,3 +239,25 @@ def test_source_files_that_do_not_exist_are_an_error(lycoris_file, tmp_path):
     with pytest.raises(LohakrError, match="missing.safetensors does not exist"):
         pipe.load_loha(lycoris_file("sdxl", "loha").path)
     assert same(before, snapshot(pipe)) and pipe.lycoris_adapters() == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU model's originals in its files)")
+def test_a_gpu_model_keeps_its_originals_in_the_files(lycoris_file, tmp_path):
+    """Moved to a GPU after loading: compared with the files on the device, patched in place there,
+    read back from the files (copied to the device) on a strength change and unload; the same bits
+    as originals kept in GPU memory."""
+    folder = saved_sdxl(tmp_path)
+    in_file, in_memory = load(folder), load(folder, keep_originals_on=None)
+    for pipe in (in_file, in_memory):
+        pipe.to("cuda")
+    before = snapshot(in_file)
+    adapter = lycoris_file("sdxl", "lokr_f4").path
+    for pipe in (in_file, in_memory):
+        report = pipe.load_lokr(adapter, "a", strength=0.7)
+        pipe.load_loha(lycoris_file("sdxl", "loha").path, "b", strength=0.4)
+        pipe.set_lycoris_strength("a", 0.3)
+    assert set(report.originals) == {"gpu"}
+    assert set(in_file.lycoris_adapters()[0].report.originals) == {"file"}
+    assert same(snapshot(in_file), snapshot(in_memory))
+    in_file.unload_lycoris()
+    assert same(before, snapshot(in_file))

@@ -145,7 +145,16 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.lohakr_kron_add_from_file.argtypes = [pointer, code, pointer, pointer, size, size, size, size, code, size,
                                                   code, pointer, size, code]
     library.lohakr_kron_add_from_file.restype = code
+    library.lohakr_file_equals.argtypes = [code, size, pointer, size, pointer, size, code]
+    library.lohakr_file_equals.restype = code
+    library.lohakr_file_read.argtypes = [code, size, pointer, size, size, code]
+    library.lohakr_file_read.restype = code
     return library
+
+
+def loaded() -> bool:
+    """True when the kernels are built and loaded in this process (built on first call)."""
+    return _load() is not None
 
 
 def status() -> str:
@@ -347,18 +356,51 @@ def kron_add_from_file(weight: Tensor, w1_scaled: Tensor, w2: Tensor, fd: int, o
     w2 = w2.contiguous().float()
     threads = _threads(weight.numel())
     per_thread = max(FILE_BLOCK_BYTES, c * k * weight.element_size())
-    buffer = getattr(_file_buffers, "buffer", None)
-    if buffer is None or buffer.numel() < threads * per_thread:
-        buffer = _file_buffers.buffer = torch.zeros(threads * per_thread, dtype=torch.uint8)  # touched once
     status = library.lohakr_kron_add_from_file(weight.data_ptr(), DTYPE_CODES[weight.dtype], w1_scaled.data_ptr(),
                                                w2.data_ptr(), a * b, b, c, k, fd, offset, int(check),
-                                               buffer.data_ptr(), per_thread, threads)
-    if status in (0, 1):
-        return status == 0
+                                               _file_buffer(threads * per_thread), per_thread, threads)
+    _raise_for(status, offset + weight.numel() * weight.element_size())
+    return status == 0
+
+
+# A file range is split among threads from this size on (one thread's block below it).
+FILE_SPLIT_BYTES = 1 << 20
+FILE_READ_BLOCK_BYTES = 1 << 20
+
+
+def file_equals(fd: int, offset: int, address: int, size: int) -> bool:
+    """True when the ``size`` bytes at ``address`` equal file ``fd``'s at ``offset``: each thread
+    reads its blocks into an L2-sized buffer and compares. Raises as ``kron_add_from_file``."""
+    threads = 1 if size < FILE_SPLIT_BYTES else max(1, torch.get_num_threads())
+    status = _load().lohakr_file_equals(fd, offset, address, size, _file_buffer(threads * FILE_BLOCK_BYTES),
+                                        FILE_BLOCK_BYTES, threads)
+    _raise_for(status, offset + size)
+    return status == 1
+
+
+def file_read(fd: int, offset: int, address: int, size: int) -> None:
+    """File ``fd``'s ``size`` bytes at ``offset`` into memory at ``address``, split among threads."""
+    threads = 1 if size < FILE_SPLIT_BYTES else max(1, torch.get_num_threads())
+    status = _load().lohakr_file_read(fd, offset, address, size, FILE_READ_BLOCK_BYTES, threads)
+    _raise_for(status, offset + size)
+
+
+def _file_buffer(size: int) -> int:
+    """This thread's read buffer for the file kernels, at least ``size`` bytes (grown, then reused)."""
+    buffer = getattr(_file_buffers, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _file_buffers.buffer = ctypes.create_string_buffer(size)  # zeroed: touched once
+    return ctypes.addressof(buffer)
+
+
+def _raise_for(status: int, end: int) -> None:
+    """The file kernels' failures as exceptions (0 and 1 are results, not failures)."""
+    if status >= 0:
+        return
     if status == _NOT_RESTORED:
         raise NotRestoredError("a read of the source file failed while patched rows were being put back")
     if status == _SHORT_FILE:
-        raise EOFError(f"the file ends before byte {offset + weight.numel() * weight.element_size()}")
+        raise EOFError(f"the file ends before byte {end}")
     raise OSError(-status, os.strerror(-status))
 
 

@@ -211,6 +211,63 @@ int lohakr_kron_add_from_file(void *weight, int dtype, const float *w1v, const f
     return status;
 }
 
+/* File bytes and memory, `size` bytes at file offset `offset` and at `memory`, split in blocks of
+ * `block_bytes` among `threads` threads (PyTorch's own OpenMP team: no second pool spinning against
+ * it between kernels). lohakr_file_equals reads each block into this thread's part of `buffer`
+ * (`block_bytes` each) and compares: 1 equal, 0 a byte differs (the first difference stops every
+ * thread). lohakr_file_read reads each block straight into `memory`: 0. Both: below 0 when a read
+ * fails (-errno, or SHORT_FILE). */
+int lohakr_file_equals(int fd, int64_t offset, const char *memory, int64_t size, char *buffer,
+                       int64_t block_bytes, int threads) {
+    int64_t blocks = (size + block_bytes - 1) / block_bytes;
+    int status = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int team = omp_get_num_threads(), me = omp_get_thread_num();
+        char *mine = buffer + me * block_bytes;
+        for (int64_t block = blocks * me / team; block < blocks * (me + 1) / team; block++) {
+            int seen;
+#pragma omp atomic read
+            seen = status;
+            if (seen != 1)
+                break;
+            int64_t at = block * block_bytes, n = size - at < block_bytes ? size - at : block_bytes;
+            int64_t failed = read_exactly(fd, mine, n, offset + at);
+            int verdict = failed ? (int)failed : memcmp(memory + at, mine, (size_t)n) == 0;
+            if (verdict != 1) {
+#pragma omp atomic write
+                status = verdict;
+                break;
+            }
+        }
+    }
+    return status;
+}
+
+int lohakr_file_read(int fd, int64_t offset, char *memory, int64_t size, int64_t block_bytes, int threads) {
+    int64_t blocks = (size + block_bytes - 1) / block_bytes;
+    int status = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int team = omp_get_num_threads(), me = omp_get_thread_num();
+        for (int64_t block = blocks * me / team; block < blocks * (me + 1) / team; block++) {
+            int seen;
+#pragma omp atomic read
+            seen = status;
+            if (seen != 0)
+                break;
+            int64_t at = block * block_bytes, n = size - at < block_bytes ? size - at : block_bytes;
+            int64_t failed = read_exactly(fd, memory + at, n, offset + at);
+            if (failed) {
+#pragma omp atomic write
+                status = (int)failed;
+                break;
+            }
+        }
+    }
+    return status;
+}
+
 /* LoHa, n elements: dst[e] = round(fma(value * p[e], q[e], src[e])); p and q are the two Hadamard
  * branches of those elements, float32. Spans of SPAN elements are shared among `threads` threads. */
 #define SPAN 8192
