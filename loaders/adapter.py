@@ -8,7 +8,9 @@ shape, and records every module it does not apply with the reason. No ΔW is bui
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
 import warnings
 from collections import Counter
@@ -116,6 +118,8 @@ def _nonfinite_count(t: Tensor | StoredTensor) -> int:
         return t.nonfinite_count()
     if not t.is_floating_point():
         return 0
+    if math.isfinite(t.sum().item()):  # one reduction: NaN and inf carry through a sum
+        return 0
     return int((~torch.isfinite(t)).sum().item())
 
 
@@ -171,20 +175,39 @@ def _read_safetensors(path: str, header_only: bool = False
     """Read every tensor (or, ``header_only``, what the header says of each) and the header
     metadata; refuse pickles and broken files clearly."""
     header_length, size = _container(path)
+    stored, metadata = read_header(path, header_length, size)  # checked as strictly as safetensors does
     if header_only:
-        return read_header(path, header_length, size)
-    from safetensors import SafetensorError, safe_open
-
+        return stored, metadata
     try:
-        with safe_open(path, framework="pt", device="cpu") as reader:
-            metadata = dict(reader.metadata() or {})
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        with open(path, "rb") as handle:
+            # Private and copy-on-write: the factors are views of the file's page cache, and a write
+            # into one (nothing here writes) would copy a page, never change the file.
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # mapped in one call, not a fault per page
+            mapped.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
+        return {key: _tensor_of(mapped, tensor) for key, tensor in stored.items()}, metadata
+    except (OSError, RuntimeError, ValueError, TypeError) as err:
         raise AdapterFormatError(
             f"{path}: not a readable safetensors file ({err}). The file may be truncated or "
             "corrupt; re-download it"
         ) from err
-    return tensors, metadata
+
+
+# safetensors dtype names → torch dtype attribute names
+_TORCH_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+                      "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+                      "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+                      "F8_E5M2": "float8_e5m2"}
+
+
+def _tensor_of(mapped: mmap.mmap, stored: StoredTensor) -> Tensor:
+    """One tensor of a mapped safetensors file, as a view of the mapping (no copy)."""
+    dtype = getattr(torch, _TORCH_DTYPE_NAMES[stored.dtype], None)
+    if dtype is None:
+        raise ValueError(f"tensor dtype {stored.dtype} is not one this torch has")
+    if stored.numel() == 0:
+        return torch.empty(stored.shape, dtype=dtype)
+    return torch.frombuffer(mapped, dtype=dtype, count=stored.numel(), offset=stored.start).view(stored.shape)
 
 
 def _container(path: str) -> tuple[int, int]:

@@ -203,24 +203,25 @@ PARSE_CASES = [
          "not a safetensors file"),
     Case("zero header length", lambda p: raw(p, b'{"a":1}', header_len=0), AdapterFormatError,
          "not a safetensors file"),
-    Case("header not JSON", lambda p: raw(p, b"{this is not json}"), AdapterFormatError, "not a readable safetensors"),
+    Case("header not JSON", lambda p: raw(p, b"{this is not json}"), AdapterFormatError,
+         "cannot read the safetensors header: it is not valid JSON"),
     Case("header nested 5000 deep", lambda p: raw(p, ('{"a":' + deep(5000) + "}").encode()), AdapterFormatError,
-         "not a readable safetensors"),
+         "the safetensors header is JSON nested deeper"),
     Case("unknown dtype", lambda p: raw(p, {"m.hada_w1_a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},
-                                        bytes(8)), AdapterFormatError, "unknown variant"),
+                                        bytes(8)), AdapterFormatError, "unknown dtype 'Q7'"),
     Case("overlapping offsets", lambda p: raw(p, {
         "m.hada_w1_a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "m.hada_w1_b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
-        AdapterFormatError, "invalid offset"),
+        AdapterFormatError, "offsets overlap or leave gaps"),
     Case("offsets beyond the data", lambda p: raw(p, {
         "m.hada_w1_a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
         AdapterFormatError, "not a readable safetensors"),
     Case("shape and bytes disagree", lambda p: raw(p, {
         "m.hada_w1_a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
-        AdapterFormatError, "invalid shape"),
+        AdapterFormatError, "shape, dtype and offsets disagree"),
     Case("shape bomb in the header", lambda p: raw(p, {
         "m.hada_w1_a": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 8]}}, bytes(8)),
-        AdapterFormatError, "overflow"),
+        AdapterFormatError, "shape, dtype and offsets disagree"),
     Case("metadata value not a string", lambda p: raw(p, {
         "__metadata__": {"ss_network_args": {"a": 1}},
         "m.hada_w1_a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
@@ -288,7 +289,7 @@ PARSE_CASES = [
         "ss_network_args": deep(200_000)}), AdapterFormatError, "ss_network_args is JSON nested deeper"),
     Case("metadata bomb: ss_tag_frequency 17 MB", lambda p: write(p, loha(LAYER.kohya), metadata={
         "ss_tag_frequency": json.dumps({"d": {"t" * 1000: 1}}) + " " * (17 << 20)}), AdapterFormatError,
-        "ss_tag_frequency holds .* bytes of JSON"),
+        "the safetensors header holds .* bytes of JSON"),
     Case("PEFT config nested 200000 deep", lambda p: peft_folder(p, '{"a": ' + deep(200_000) + "}"),
          AdapterFormatError, "adapter_config.json: the PEFT config is JSON nested deeper"),
     Case("PEFT config not an object", lambda p: peft_folder(p, "[1, 2]"), AdapterFormatError,
