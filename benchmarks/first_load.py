@@ -31,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -84,31 +83,73 @@ def _status(field: str) -> int:
     return _status_bytes(field)
 
 
+# The memory sampler: a process of its own that reads the measured process's RssAnon every 2 ms
+# between "start" and "stop" and answers the peak. A sampling thread inside the measured process
+# would take the GIL 500 times a second and preempt the patch's OpenMP threads on a 2-core machine
+# (measured: first loads up to 1.5× slower with one).
+SAMPLER = r"""
+import select, sys
+path = "/proc/%s/status" % sys.argv[1]
+def anon():
+    with open(path) as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+sampling, peak = False, 0
+while True:
+    ready, _, _ = select.select([sys.stdin], [], [], 0.002 if sampling else None)
+    if ready:
+        command = sys.stdin.readline().strip()
+        if command == "start":
+            sampling, peak = True, anon()
+            print("ok", flush=True)
+        elif command == "stop":
+            sampling, peak = False, max(peak, anon())
+            print(peak, flush=True)
+        else:
+            break
+    elif sampling:
+        peak = max(peak, anon())
+"""
+
+
+class Sampler:
+    """The sampler process for this process (one per child, reused by every step)."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-c", SAMPLER, str(os.getpid())], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+
+    def ask(self, command: str) -> str:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
 class Step:
-    """Times one step and samples ``RssAnon`` during it (peak), with the minor page faults."""
+    """Times one step and samples ``RssAnon`` during it (peak, from the sampler process), with the
+    minor page faults."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
 
     def __enter__(self):
         self.base = _status("RssAnon")
-        self.peak = self.base
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.ask("start")
         self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        self.thread.start()
         self.start = time.perf_counter()
         return self
 
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(0.002)
-
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
-        self.running = False
-        self.thread.join()
-        self.after = _status("RssAnon")
-        self.peak = max(self.peak, self.after)
         self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults
+        self.after = _status("RssAnon")
+        self.peak = max(int(self.sampler.ask("stop")), self.after)
         return False
 
     def figures(self, model_anon: int, left_mapping: int = 0) -> dict:
@@ -126,6 +167,7 @@ def child(contender: str, memory: str, adapter_path: str) -> dict:
     gc.collect()  # the model's own objects: a full collection they trigger is not charged to the next step
     model_anon = _status("RssAnon")
     result = {"contender": contender, "memory": memory, "model_load_s": time.perf_counter() - started}
+    sampler = Sampler()
     if contender.startswith("lohakr"):
         from types import SimpleNamespace
 
@@ -134,18 +176,18 @@ def child(contender: str, memory: str, adapter_path: str) -> dict:
         keep = "cpu" if contender == "lohakr-ram" else "auto"
         pipe = lohakr.enable(SimpleNamespace(**parts, _progress_bar_config={"disable": True}),
                              keep_originals_on=keep)
-        with Step() as load:
+        with Step(sampler) as load:
             report = pipe.load_lycoris(adapter_path, "a")
         moved = report.originals.get("mapped", {}).get("bytes", 0)  # left the file's pages for their own
         result["load"] = load.figures(model_anon, moved)
         result["originals"] = report.originals
-        with Step() as strength:
+        with Step(sampler) as strength:
             pipe.set_lycoris_strength("a", 0.5)
         result["strength"] = strength.figures(model_anon, moved)
-        with Step() as unload:
+        with Step(sampler) as unload:
             pipe.unload_lycoris("a")
         result["unload"] = unload.figures(model_anon)
-        with Step() as reload:  # the steady state: the same load again in the same process
+        with Step(sampler) as reload:  # the steady state: the same load again in the same process
             pipe.load_lycoris(adapter_path, "a")
         result["reload"] = reload.figures(model_anon, moved)
     elif contender == "lycoris":
@@ -157,18 +199,19 @@ def child(contender: str, memory: str, adapter_path: str) -> dict:
         # Its default "full" preset fails on diffusers UNets ("duplicated lora name"); the fixed one.
         LycorisNetworkKohya.apply_preset(read_preset(lycoris_preset(CACHE)))
         te = [parts["text_encoder"], parts["text_encoder_2"]]
-        with Step() as load:
+        with Step(sampler) as load:
             weights = load_file(adapter_path)
             network, weights = create_network_from_weights(1.0, adapter_path, None, te, parts["unet"],
                                                            weights_sd=weights)
             network.merge_to(te, parts["unet"], weights, torch.float16, "cpu")
         result["load"] = load.figures(model_anon)
+    sampler.close()
     return result
 
 
 # -- ComfyUI's child, run in ComfyUI's Python -------------------------------------------------------
 COMFY_CHILD = r"""
-import json, resource, sys, threading, time
+import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from comfy.cli_args import args
@@ -189,26 +232,26 @@ import gc
 gc.collect()
 model_load = time.perf_counter() - started
 base = status("RssAnon")
-peak = [base]
-running = [True]
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], status("RssAnon")); time.sleep(0.002)
-thread = threading.Thread(target=sample, daemon=True)
+import subprocess
+sampler = subprocess.Popen([sys.executable, "-c", sys.argv[4], str(os.getpid())], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+def ask(command):
+    sampler.stdin.write(command + "\n"); sampler.stdin.flush()
+    return sampler.stdout.readline().strip()
+ask("start")
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-thread.start()
 start = time.perf_counter()
 lora = comfy.utils.load_torch_file(adapter, safe_load=True)
 patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
 patched_model.patch_model()
 patched_clip.patcher.patch_model()
 seconds = time.perf_counter() - start
-running[0] = False
-thread.join()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 after = status("RssAnon")
+peak = max(int(ask("stop")), after)
+sampler.stdin.close(); sampler.wait()
 print(json.dumps({"contender": "comfyui", "memory": "copied", "model_load_s": model_load, "load": {"s": seconds,
-      "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
-      "peak_extra_bytes": max(peak[0], after) - base, "after_extra_bytes": after - base}}))
+      "page_faults": faults, "peak_extra_bytes": peak - base, "after_extra_bytes": after - base}}))
 """
 
 
@@ -216,7 +259,7 @@ def run_child(contender: str, memory: str, adapter: Path) -> dict:
     if contender == "comfyui":
         comfy_dir = os.environ["COMFYUI_DIR"]
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        command = [python, "-c", COMFY_CHILD, comfy_dir, str(MODEL_DIR), str(adapter)]
+        command = [python, "-c", COMFY_CHILD, comfy_dir, str(MODEL_DIR), str(adapter), SAMPLER]
     else:
         command = [sys.executable, __file__, "--child", contender, memory, str(adapter)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=str(HERE.parent), check=False)
