@@ -10,7 +10,8 @@ Four places, chosen per weight:
 
 - **in the file** the weight was loaded from (``sources.FileTensor``), where a component came from
   safetensors files: nothing is kept in memory; the weight is patched in place, and a strength
-  change or unload reads the original back from the file (memory-mapped) into the same storage.
+  change or unload reads the original back from the file (``pread``, from the page cache) into the
+  same storage, for a lone LoKr in the patch's own pass (``write_from_file``).
   Before the first in-place write the live weight is compared with the file's bytes; if it differs
   (cast, edited or moved since loading) its original is kept in memory instead, and the report says
   so. Before any later read the file's identity is checked (``SourceFileChangedError``).

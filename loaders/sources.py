@@ -5,7 +5,8 @@ A ``SourceIndex`` answers, for one patchable layer, which tensor of which file h
 it was loaded (``FileTensor``). Nothing here trusts that answer blindly: the patcher compares the
 live weight with the file's bytes before the first in-place write, and checks each file's identity
 (device, inode, size, modification time) before it reads an original back. The tensors are read
-through a private memory map: no copy, only the page cache.
+with ``pread`` straight from the page cache (``file_reads``), or viewed through a read-only memory
+map where a caller needs a tensor (baking, a GPU weight).
 
 Files are found from the components themselves (``from_pretrained`` records the folder it read:
 ``config._name_or_path``), or given by the user (``lohakr.enable(pipe, source_files=...)``), for

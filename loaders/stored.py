@@ -5,7 +5,8 @@ and whether its values are finite, not tensors: importing torch alone takes long
 description. ``read_header`` checks the header as strictly as the safetensors library does (known
 dtypes, shapes that match their bytes, offsets that tile the data exactly) and gives one
 ``StoredTensor`` per key; values are read through a memory map only where needed (alpha and stored
-scalars, the finiteness check), with numpy.
+scalars, the finiteness check), with numpy. A full ``load_adapter`` reads the same checked header
+and views each tensor in one private mapping of the file (no per-tensor reads).
 """
 
 from __future__ import annotations

@@ -203,3 +203,28 @@ def test_a_file_cut_short_after_its_header_was_read_is_a_changed_file(tmp_path, 
         file.equals("b", live)
     if when == "before the first read":
         assert torch.equal(live.view(torch.int16), before.view(torch.int16))
+
+
+def test_a_lone_lokr_loads_and_reweights_in_the_file_pass_with_the_in_memory_bits(lycoris_file, tmp_path, native_on,
+                                                                                   monkeypatch):
+    """Copied into memory: the first load checks each weight against its file in the patch's pass,
+    each strength change reads the original back in it; every step gives the bits of originals
+    kept in memory, and the unload gives the model back bit for bit."""
+    calls: list[bool] = []
+    kernel = native.kron_add_from_file
+    monkeypatch.setattr(native, "kron_add_from_file", lambda *args: calls.append(args[-1]) or kernel(*args))
+    folder = saved_sdxl(tmp_path)
+    in_file, in_memory = load(folder, memory="copied"), load(folder, memory="copied", keep_originals_on="cpu")
+    before = snapshot(in_file)
+    adapter = lycoris_file("sdxl", "lokr_f4").path
+    for strength in (None, 0.3, -0.8):
+        for pipe in (in_file, in_memory):
+            if strength is None:
+                report = pipe.load_lokr(adapter, "a", strength=0.6)
+            else:
+                pipe.set_lycoris_strength("a", strength)
+        assert same(snapshot(in_file), snapshot(in_memory))
+    layers = len(report.applied)
+    assert calls == [True] * layers + [False] * layers * 2
+    in_file.unload_lycoris("a")
+    assert same(before, snapshot(in_file))
