@@ -145,10 +145,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.lohakr_kron_add_from_file.argtypes = [pointer, code, pointer, pointer, size, size, size, size, code, size,
                                                   code, pointer, size, code]
     library.lohakr_kron_add_from_file.restype = code
-    library.lohakr_file_equals.argtypes = [code, size, pointer, size, pointer, size, code]
-    library.lohakr_file_equals.restype = code
-    library.lohakr_file_read.argtypes = [code, size, pointer, size, size, code]
-    library.lohakr_file_read.restype = code
+    library.lohakr_file_blocks.argtypes = [code, size, pointer, size, pointer, size, code]
+    library.lohakr_file_blocks.restype = code
     return library
 
 
@@ -372,16 +370,16 @@ def file_equals(fd: int, offset: int, address: int, size: int) -> bool:
     """True when the ``size`` bytes at ``address`` equal file ``fd``'s at ``offset``: each thread
     reads its blocks into an L2-sized buffer and compares. Raises as ``kron_add_from_file``."""
     threads = 1 if size < FILE_SPLIT_BYTES else max(1, torch.get_num_threads())
-    status = _load().lohakr_file_equals(fd, offset, address, size, _file_buffer(threads * FILE_BLOCK_BYTES),
+    status = _load().lohakr_file_blocks(fd, offset, address, size, _file_buffer(threads * FILE_BLOCK_BYTES),
                                         FILE_BLOCK_BYTES, threads)
     _raise_for(status, offset + size)
-    return status == 1
+    return status == 0
 
 
 def file_read(fd: int, offset: int, address: int, size: int) -> None:
     """File ``fd``'s ``size`` bytes at ``offset`` into memory at ``address``, split among threads."""
     threads = 1 if size < FILE_SPLIT_BYTES else max(1, torch.get_num_threads())
-    status = _load().lohakr_file_read(fd, offset, address, size, FILE_READ_BLOCK_BYTES, threads)
+    status = _load().lohakr_file_blocks(fd, offset, address, size, None, FILE_READ_BLOCK_BYTES, threads)
     _raise_for(status, offset + size)
 
 

@@ -213,43 +213,18 @@ int lohakr_kron_add_from_file(void *weight, int dtype, const float *w1v, const f
 
 /* File bytes and memory, `size` bytes at file offset `offset` and at `memory`, split in blocks of
  * `block_bytes` among `threads` threads (PyTorch's own OpenMP team: no second pool spinning against
- * it between kernels). lohakr_file_equals reads each block into this thread's part of `buffer`
- * (`block_bytes` each) and compares: 1 equal, 0 a byte differs (the first difference stops every
- * thread). lohakr_file_read reads each block straight into `memory`: 0. Both: below 0 when a read
- * fails (-errno, or SHORT_FILE). */
-int lohakr_file_equals(int fd, int64_t offset, const char *memory, int64_t size, char *buffer,
-                       int64_t block_bytes, int threads) {
-    int64_t blocks = (size + block_bytes - 1) / block_bytes;
-    int status = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        int team = omp_get_num_threads(), me = omp_get_thread_num();
-        char *mine = buffer + me * block_bytes;
-        for (int64_t block = blocks * me / team; block < blocks * (me + 1) / team; block++) {
-            int seen;
-#pragma omp atomic read
-            seen = status;
-            if (seen != 1)
-                break;
-            int64_t at = block * block_bytes, n = size - at < block_bytes ? size - at : block_bytes;
-            int64_t failed = read_exactly(fd, mine, n, offset + at);
-            int verdict = failed ? (int)failed : memcmp(memory + at, mine, (size_t)n) == 0;
-            if (verdict != 1) {
-#pragma omp atomic write
-                status = verdict;
-                break;
-            }
-        }
-    }
-    return status;
-}
-
-int lohakr_file_read(int fd, int64_t offset, char *memory, int64_t size, int64_t block_bytes, int threads) {
+ * it between kernels). With a `buffer` (`block_bytes` per thread) each block is read into this
+ * thread's part of it and compared with `memory`: 0 equal, 1 a byte differs (the first difference
+ * stops every thread). Without one (NULL) each block is read straight into `memory`: 0. Below 0 when
+ * a read fails (-errno, or SHORT_FILE). */
+int lohakr_file_blocks(int fd, int64_t offset, char *memory, int64_t size, char *buffer, int64_t block_bytes,
+                       int threads) {
     int64_t blocks = (size + block_bytes - 1) / block_bytes;
     int status = 0;
 #pragma omp parallel num_threads(threads)
     {
         int team = omp_get_num_threads(), me = omp_get_thread_num();
+        char *mine = buffer ? buffer + me * block_bytes : NULL;
         for (int64_t block = blocks * me / team; block < blocks * (me + 1) / team; block++) {
             int seen;
 #pragma omp atomic read
@@ -257,10 +232,11 @@ int lohakr_file_read(int fd, int64_t offset, char *memory, int64_t size, int64_t
             if (seen != 0)
                 break;
             int64_t at = block * block_bytes, n = size - at < block_bytes ? size - at : block_bytes;
-            int64_t failed = read_exactly(fd, memory + at, n, offset + at);
-            if (failed) {
+            int64_t failed = read_exactly(fd, mine ? mine : memory + at, n, offset + at);
+            int verdict = failed ? (int)failed : mine && memcmp(memory + at, mine, (size_t)n) != 0;
+            if (verdict != 0) {
 #pragma omp atomic write
-                status = (int)failed;
+                status = verdict;
                 break;
             }
         }
