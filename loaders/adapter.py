@@ -30,7 +30,7 @@ from .metadata import (
     base_model_from_widths,
     looks_like_a_transformer,
 )
-from .stored import StoredTensor, read_header
+from .stored import StoredTensor, read_header, torch_dtype
 from .updates import FLOAT32_MAX, UPDATE_CLASSES, LayerUpdate
 
 torch = lazy_module("torch")
@@ -193,16 +193,9 @@ def _read_safetensors(path: str, header_only: bool = False
         ) from err
 
 
-# safetensors dtype names → torch dtype attribute names
-_TORCH_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
-                      "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
-                      "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-                      "F8_E5M2": "float8_e5m2"}
-
-
 def _tensor_of(mapped: mmap.mmap, stored: StoredTensor) -> Tensor:
     """One tensor of a mapped safetensors file, as a view of the mapping (no copy)."""
-    dtype = getattr(torch, _TORCH_DTYPE_NAMES[stored.dtype], None)
+    dtype = torch_dtype(stored.dtype)
     if dtype is None:
         raise ValueError(f"tensor dtype {stored.dtype} is not one this torch has")
     if stored.numel() == 0:

@@ -32,14 +32,9 @@ from torch import Tensor, nn
 from . import file_reads
 from .errors import LohakrError, SourceFileChangedError
 from .names import LayerTarget
-from .stored import read_header
+from .stored import TORCH_DTYPE_NAMES, read_header, torch_dtype
 
-TORCH_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
-}
+TORCH_DTYPES = {name: torch_dtype(name) for name in TORCH_DTYPE_NAMES}  # None where this torch lacks one
 # The files ``from_pretrained`` reads, in diffusers' and transformers' order of preference.
 WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 INDEX_FILE_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -63,7 +58,8 @@ class FileIdentity:
     mtime_ns: int
 
     @classmethod
-    def of(cls, path: str) -> FileIdentity:
+    def of(cls, path: str | int) -> FileIdentity:
+        """Of the file at ``path``, or of an open descriptor."""
         stat = os.stat(path)
         return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
@@ -132,8 +128,7 @@ class SafetensorsFile:
         """The file opened for ``pread`` once, checked to be the file whose header was read."""
         if self._fd is None:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            stat = os.fstat(fd)
-            if FileIdentity(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.identity:
+            if FileIdentity.of(fd) != self.identity:
                 os.close(fd)
                 self.check_unchanged()  # raises with the reason
                 raise SourceFileChangedError(f"{self.path}: the file changed on disk while it was opened")

@@ -26,6 +26,11 @@ DTYPES: dict[str, tuple[int, bool]] = {
 }
 _NUMPY = {"BOOL": "bool", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
           "U64": "<u8", "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8"}
+# dtype → the torch dtype's attribute name (``torch_dtype``), for readers that build tensors
+TORCH_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+                     "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+                     "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+                     "F8_E5M2": "float8_e5m2"}
 # Bit patterns of NaN/inf where numpy has no such dtype: (mask, value) on the raw unsigned integers.
 _NONFINITE_BITS = {"BF16": ("<u2", 0x7F80, 0x7F80), "F8_E4M3": ("u1", 0x7F, 0x7F), "F8_E5M2": ("u1", 0x7C, 0x7C)}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -84,6 +89,13 @@ class StoredTensor:
             numpy_dtype, mask, value = _NONFINITE_BITS[self.dtype]
             return int(np.count_nonzero((self._raw(numpy_dtype) & mask) == value))
         return int(np.count_nonzero(~np.isfinite(self._raw(_NUMPY[self.dtype]))))
+
+
+def torch_dtype(name: str):
+    """The torch dtype of safetensors dtype ``name`` (imports torch), or None where this torch lacks it."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES.get(name, ""), None)
 
 
 def read_header(path: str, header_length: int, size: int) -> tuple[dict[str, StoredTensor], dict[str, str]]:

@@ -304,6 +304,18 @@ def _threads(elements: int) -> int:
     return 1 if elements < PARALLEL_MIN_ELEMENTS else max(1, torch.get_num_threads())
 
 
+def _kron_operands(weight: Tensor, w1_scaled: Tensor, w2: Tensor,
+                   fits: bool = True) -> tuple[Tensor, Tensor, tuple[int, int, int, int]]:
+    """The factors as the kernels take them (contiguous float32) and ``(a, b, c, k)``; refuses
+    factors whose Kronecker product is not ``weight``'s size (or ``fits`` False: a source of
+    another shape)."""
+    (a, c), (b, k) = w1_scaled.shape, w2.shape
+    if not fits or weight.numel() != a * b * c * k:
+        raise ValueError(f"Kronecker factors {tuple(w1_scaled.shape)} ⊗ {tuple(w2.shape)} do not fit "
+                         f"{tuple(weight.shape)}")
+    return w1_scaled.contiguous().float(), w2.contiguous().float(), (a, b, c, k)
+
+
 def kron_add(out: Tensor, source: Tensor, w1_scaled: Tensor, w2: Tensor) -> None:
     """``out = source + w1_scaled ⊗ w2`` (the float32 math of ``rebuild.kron_add``), one pass.
 
@@ -311,12 +323,7 @@ def kron_add(out: Tensor, source: Tensor, w1_scaled: Tensor, w2: Tensor) -> None
     ``w1_scaled``: ``value · w1``, float32 ``(a, c)``; ``w2``: float32 ``(b, k)``, ``c·k`` = the row
     width. Callers check ``usable`` first."""
     library = _load()
-    (a, c), (b, k) = w1_scaled.shape, w2.shape
-    if out.numel() != a * b * c * k or source.shape != out.shape:
-        raise ValueError(f"Kronecker factors {tuple(w1_scaled.shape)} ⊗ {tuple(w2.shape)} do not fit "
-                         f"{tuple(out.shape)}")
-    w1_scaled = w1_scaled.contiguous().float()
-    w2 = w2.contiguous().float()
+    w1_scaled, w2, (a, b, c, k) = _kron_operands(out, w1_scaled, w2, source.shape == out.shape)
     library.lohakr_kron_add(source.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], w1_scaled.data_ptr(),
                             w2.data_ptr(), a * b, b, c, k, _threads(out.numel()))
 
@@ -346,12 +353,9 @@ def kron_add_from_file(weight: Tensor, w1_scaled: Tensor, w2: Tensor, fd: int, o
     read) and ``OSError`` for a failed read: with ``check`` the weight is as it was, unless
     ``NotRestoredError``. Callers check ``usable`` first."""
     library = _load()
-    (a, c), (b, k) = w1_scaled.shape, w2.shape
-    if weight.numel() != a * b * c * k or weight.dtype not in DTYPE_CODES or not weight.is_contiguous():
-        raise ValueError(f"Kronecker factors {tuple(w1_scaled.shape)} ⊗ {tuple(w2.shape)} do not fit "
-                         f"{tuple(weight.shape)}")
-    w1_scaled = w1_scaled.contiguous().float()
-    w2 = w2.contiguous().float()
+    if weight.dtype not in DTYPE_CODES or not weight.is_contiguous():
+        raise ValueError("kron_add_from_file: the weight must be half or bfloat16 and contiguous")
+    w1_scaled, w2, (a, b, c, k) = _kron_operands(weight, w1_scaled, w2)
     threads = _threads(weight.numel())
     per_thread = max(FILE_BLOCK_BYTES, c * k * weight.element_size())
     status = library.lohakr_kron_add_from_file(weight.data_ptr(), DTYPE_CODES[weight.dtype], w1_scaled.data_ptr(),
