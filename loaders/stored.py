@@ -98,6 +98,11 @@ def torch_dtype(name: str):
     return getattr(torch, TORCH_DTYPE_NAMES.get(name, ""), None)
 
 
+def _naturals(values: list) -> bool:
+    """Every value a non-negative JSON integer (``true`` is no size, though Python's bool is an int)."""
+    return all(type(value) is int and value >= 0 for value in values)
+
+
 def read_header(path: str, header_length: int, size: int) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """Every tensor of the file at ``path`` (``size`` bytes, header of ``header_length`` bytes after
     its 8-byte length) and the header metadata. Refuses what the safetensors library refuses, in
@@ -121,18 +126,17 @@ def read_header(path: str, header_length: int, size: int) -> tuple[dict[str, Sto
     tensors: dict[str, StoredTensor] = {}
     spans = []
     for key, entry in header.items():
-        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if type(entry) is dict else None
         if dtype not in DTYPES:
             raise broken(f"tensor {key!r} has an unknown dtype {dtype!r}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets)):
+        if type(shape) is not list or type(offsets) is not list or len(offsets) != 2 or not (
+                _naturals(shape) and _naturals(offsets)):
             raise broken(f"tensor {key!r} has an invalid shape or offsets")
         start, stop = offsets
-        if stop < start or stop > data_length or (stop - start) != math.prod(shape) * DTYPES[entry["dtype"]][0]:
+        if stop < start or stop > data_length or (stop - start) != math.prod(shape) * DTYPES[dtype][0]:
             raise broken(f"tensor {key!r}: its shape, dtype and offsets disagree")
-        tensors[key] = StoredTensor(path, entry["dtype"], tuple(shape), data_start + start, data_start + stop)
+        tensors[key] = StoredTensor(path, dtype, tuple(shape), data_start + start, data_start + stop)
         spans.append((start, stop))
     position = 0
     for start, stop in sorted(spans):

@@ -51,3 +51,15 @@ def native_on():
     if native._load() is None:
         pytest.skip(native.status())
     return native
+
+
+@pytest.fixture(params=[256, 512], ids=["8 lanes", "16 lanes"])
+def vector_bits(request, native_on):
+    """The row kernels at both vector widths (16 lanes where this CPU has AVX-512; else a skip),
+    their bits checked again at each; the width chosen at load is put back after."""
+    previous = native_on.vector_bits()
+    if native_on.use_vector_bits(request.param) != request.param:
+        native_on.use_vector_bits(previous)
+        pytest.skip("this CPU (or PyTorch build) has no AVX-512: the 16-lane kernels are not used here")
+    yield request.param
+    native_on.use_vector_bits(previous)

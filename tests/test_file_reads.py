@@ -98,7 +98,7 @@ def small_blocks(native_on, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-def test_checked_pass_patches_a_weight_equal_to_its_file(tmp_path, small_blocks, dtype):
+def test_checked_pass_patches_a_weight_equal_to_its_file(tmp_path, vector_bits, small_blocks, dtype):
     weight, w1, w2 = kron_case(dtype)
     expected = kron_reference(weight, w1, w2, 0.7)
     fd, offset = written(tmp_path, weight)

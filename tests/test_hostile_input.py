@@ -207,6 +207,8 @@ PARSE_CASES = [
          "cannot read the safetensors header: it is not valid JSON"),
     Case("header nested 5000 deep", lambda p: raw(p, ('{"a":' + deep(5000) + "}").encode()), AdapterFormatError,
          "the safetensors header is JSON nested deeper"),
+    Case("header nested 65 deep", lambda p: raw(p, ('{"a":' + deep(64) + "}").encode()), AdapterFormatError,
+         "the safetensors header is JSON nested deeper than 64"),
     Case("unknown dtype", lambda p: raw(p, {"m.hada_w1_a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},
                                         bytes(8)), AdapterFormatError, "unknown dtype 'Q7'"),
     Case("overlapping offsets", lambda p: raw(p, {
@@ -532,3 +534,18 @@ def test_a_bias_delta_for_a_layer_without_bias_is_reported(tmp_path, pipe):
         assert any("diff_b is not applied" in w and LAYER.path in w for w in report.warnings)
     finally:
         pipe.unload_lycoris("diff")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_nan_is_found_in_a_file_of_one_dtype(tmp_path, dtype):
+    tensors = loha(LAYER.kohya, dtype=dtype)
+    tensors[f"{LAYER.kohya}.alpha"] = torch.tensor(1.0, dtype=dtype)
+    tensors[f"{LAYER.kohya}.hada_w2_a"][7, 1] = math.inf
+    with pytest.raises(AdapterFormatError, match="hada_w2_a contains 1 NaN/inf value"):
+        load_adapter(write(tmp_path, tensors))
+
+
+def test_a_nan_outside_the_factors_does_not_refuse_the_file(tmp_path):
+    tensors = loha(LAYER.kohya) | {"bundle_emb.style.string_to_param.*": torch.full((2, 8), math.nan)}
+    adapter = load_adapter(write(tmp_path, tensors))
+    assert list(adapter.modules) == [LAYER.kohya] and "bundle_emb" in adapter.skipped

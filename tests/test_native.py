@@ -37,7 +37,8 @@ def kron_reference(weight, w1, w2, value):
                                         (2, 40, 8, 300), (8, 3, 1, 9)])
 @pytest.mark.parametrize("value", [1.0, 0.3711, -2.5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kron_kernel_equals_pytorch_bit_for_bit(native_on, monkeypatch, dtype, a, b, c, k, value, threads):
+def test_kron_kernel_equals_pytorch_bit_for_bit(vector_bits, native_on, monkeypatch, dtype, a, b, c, k, value,
+                                                threads):
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 0)  # split even small weights across threads
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -56,8 +57,8 @@ def test_kron_kernel_equals_pytorch_bit_for_bit(native_on, monkeypatch, dtype, a
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-@pytest.mark.parametrize("size", [1, 7, 8, 9, 63, 64, 1000, 70001])
-def test_hadamard_kernel_equals_pytorch_bit_for_bit(native_on, monkeypatch, dtype, size):
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 25, 63, 64, 1000, 70001])
+def test_hadamard_kernel_equals_pytorch_bit_for_bit(vector_bits, native_on, monkeypatch, dtype, size):
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 0)
     g = torch.Generator().manual_seed(size)
     weight = (torch.randn(size, generator=g) * 0.02).to(dtype)
@@ -67,14 +68,15 @@ def test_hadamard_kernel_equals_pytorch_bit_for_bit(native_on, monkeypatch, dtyp
     assert torch.equal(out, weight.float().addcmul_(p, q, value=0.6180339887).to(dtype))
 
 
-def test_special_values_round_as_pytorch_does(native_on):
-    """Overflow to ±inf, subnormal results and signed zeros come out as PyTorch's casts give them."""
+def test_special_values_round_as_pytorch_does(vector_bits, native_on):
+    """Overflow to ±inf, subnormal results and signed zeros come out as PyTorch's casts give them,
+    in full vectors of 8 and 16 lanes and in tails (the eight cases five times over: 40 elements)."""
     for dtype in HALF_TYPES:
         big = torch.finfo(dtype).max
         tiny = torch.finfo(dtype).tiny
-        weight = torch.tensor([big, -big, tiny, -tiny, 0.0, -0.0, 1.0, 3 * tiny / 8], dtype=dtype)
-        p = torch.tensor([big, big, -tiny / 4, tiny / 4, 0.0, -0.0, 1e-4, 1e-9])
-        q = torch.ones(8)
+        weight = torch.tensor([big, -big, tiny, -tiny, 0.0, -0.0, 1.0, 3 * tiny / 8] * 5, dtype=dtype)
+        p = torch.tensor([big, big, -tiny / 4, tiny / 4, 0.0, -0.0, 1e-4, 1e-9] * 5)
+        q = torch.ones(40)
         out = torch.empty_like(weight)
         native.hadamard_add(out, weight, p, q, 1.0)
         expected = weight.float().addcmul_(p, q).to(dtype)

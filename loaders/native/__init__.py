@@ -79,6 +79,31 @@ def _unsupported_reason() -> str | None:
     return None
 
 
+def _wide_wanted() -> bool:
+    """Whether the row kernels may use 16-lane AVX-512: where PyTorch's own CPU kernels do (its
+    capability; ``ATEN_CPU_CAPABILITY=avx2`` turns both down), and the library then checks the CPU."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def use_vector_bits(bits: int) -> int:
+    """Run the LoKr and LoHa row kernels on 512-bit (AVX-512, where this CPU has it) or 256-bit
+    vectors, and check their bits against PyTorch again before the next use. Returns the width
+    now used (0: no kernels here). For tests and benchmarks that compare the two; the width is
+    otherwise chosen once, at load."""
+    library = _load()
+    if library is None:
+        return 0
+    with _lock:
+        _state.pop("checked", None)
+        _state["vector_bits"] = library.lohakr_vector_bits(bits)
+        return _state["vector_bits"]  # type: ignore[return-value]
+
+
+def vector_bits() -> int:
+    """The vector width the row kernels use (512 or 256; 0 where there are no kernels)."""
+    return _state.get("vector_bits", 0) if _load() is not None else 0  # type: ignore[return-value]
+
+
 def _build(compiler: str) -> Path:
     """The compiled library, from the cache if this source was built with this compiler before."""
     source = SOURCE.read_bytes()
@@ -119,7 +144,8 @@ def _load() -> ctypes.CDLL | None:
         if reason is None:
             try:
                 library = _bind(ctypes.CDLL(str(_build(compiler))))
-                reason = f"compiled with {compiler}"
+                _state["vector_bits"] = bits = library.lohakr_vector_bits(512 if _wide_wanted() else 256)
+                reason = f"compiled with {compiler}, {'AVX-512' if bits == 512 else 'AVX2'} rows"
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 reason, failed = f"build failed ({err})", True
         fallback = "half/bfloat16 CPU weights are patched through PyTorch's kernels: same bits, slower"
@@ -147,6 +173,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.lohakr_kron_add_from_file.restype = code
     library.lohakr_file_blocks.argtypes = [code, size, pointer, size, pointer, size, code]
     library.lohakr_file_blocks.restype = code
+    library.lohakr_vector_bits.argtypes = [code]
+    library.lohakr_vector_bits.restype = code
     return library
 
 
@@ -210,10 +238,10 @@ def _checked(dtype: torch.dtype) -> bool:
 
 def _self_check(dtype: torch.dtype) -> str:
     """Empty if both kernels give PyTorch's float32-path bits for ``dtype``, else what differed.
-    Random values in runs with and without vector tails (1, 7, 8, 37, 64 elements)."""
+    Random values in runs with and without vector tails, of 8 lanes and of 16 (1 to 64 elements)."""
     g = torch.Generator().manual_seed(1234)
     value = 0.7310585786300049
-    for run in (1, 7, 8, 37, 64):
+    for run in (1, 7, 8, 15, 16, 17, 25, 37, 64):
         a, b, c = 3, 5, 4
         w1 = torch.randn(a, c, generator=g) * 0.1
         w2 = torch.randn(b, run, generator=g) * 0.05

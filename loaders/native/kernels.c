@@ -112,6 +112,106 @@ INLINE void kron_row(const void *src, void *dst, const int dtype, const float *w
         run_scalar_a(src, dst, (r * c + j) * k, k, dtype, w1_row[j], w2_row);
 }
 
+/* The same row kernels on 16 lanes (AVX-512 F) where the CPU has them and PyTorch uses them
+ * (native.py sets `wide` through lohakr_vector_bits): the same float32 operations per element,
+ * so the same bits, checked the same way; tails shorter than 16 go through the 8-lane code. The
+ * library still runs on AVX2-only CPUs: only these functions use AVX-512 instructions, and only
+ * when `wide` is set. They are called per run of rows (not inlined into the OpenMP regions,
+ * which are compiled for AVX2). */
+#define WIDE __attribute__((target("avx512f")))
+#define INLINE_WIDE static inline __attribute__((always_inline, target("avx512f")))
+static int wide = 0;
+
+INLINE_WIDE __m512 load16(const void *base, int64_t i, int dtype) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    if (dtype == 1)
+        return _mm512_cvtph_ps(raw);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+INLINE_WIDE void store16(void *base, int64_t i, __m512 x, int dtype) {
+    __m256i *at = (__m256i *)((uint16_t *)base + i);
+    if (dtype == 1) {
+        _mm256_storeu_si256(at, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        return;
+    }
+    /* bfloat16 as store8: nearest-even in integers, NaN -> 0x7FC0, then the 16 low halves */
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(at, _mm512_cvtepi32_epi16(rounded));
+}
+
+INLINE_WIDE void run_scalar_a_wide(const void *src, void *dst, int64_t offset, int64_t n, const int dtype,
+                                   float a, const float *b) {
+    int64_t i = 0;
+    __m512 va = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16)
+        store16(dst, offset + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(b + i), load16(src, offset + i, dtype)), dtype);
+    run_scalar_a(src, dst, offset + i, n - i, dtype, a, b + i);
+}
+
+INLINE_WIDE void run_vector_a_wide(const void *src, void *dst, int64_t offset, int64_t n, const int dtype,
+                                   float scale, const float *a, const float *b) {
+    int64_t i = 0;
+    __m512 vscale = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16) {
+        __m512 scaled = _mm512_mul_ps(vscale, _mm512_loadu_ps(a + i));
+        store16(dst, offset + i, _mm512_fmadd_ps(scaled, _mm512_loadu_ps(b + i), load16(src, offset + i, dtype)),
+                dtype);
+    }
+    run_vector_a(src, dst, offset + i, n - i, dtype, scale, a + i, b + i);
+}
+
+INLINE_WIDE void kron_row_wide(const void *src, void *dst, const int dtype, const float *w1v, const float *w2,
+                               int64_t r, int64_t b, int64_t c, int64_t k) {
+    const float *w1_row = w1v + (r / b) * c, *w2_row = w2 + (r % b) * k;
+    for (int64_t j = 0; j < c; j++)
+        run_scalar_a_wide(src, dst, (r * c + j) * k, k, dtype, w1_row[j], w2_row);
+}
+
+static WIDE __attribute__((noinline)) void kron_rows_wide(const void *src, void *dst, int dtype, const float *w1v,
+                                                          const float *w2, int64_t r0, int64_t r1, int64_t b,
+                                                          int64_t c, int64_t k) {
+    for (int64_t r = r0; r < r1; r++) {
+        if (dtype == 1)
+            kron_row_wide(src, dst, 1, w1v, w2, r, b, c, k);
+        else
+            kron_row_wide(src, dst, 2, w1v, w2, r, b, c, k);
+    }
+}
+
+static WIDE __attribute__((noinline)) void hadamard_run_wide(const void *src, void *dst, int dtype, int64_t offset,
+                                                             int64_t n, float value, const float *p, const float *q) {
+    if (dtype == 1)
+        run_vector_a_wide(src, dst, offset, n, 1, value, p, q);
+    else
+        run_vector_a_wide(src, dst, offset, n, 2, value, p, q);
+}
+
+/* Rows r0 .. r1-1 of lohakr_kron_add, on 16 lanes or 8. */
+INLINE void kron_rows(const void *src, void *dst, int dtype, const float *w1v, const float *w2, int64_t r0,
+                      int64_t r1, int64_t b, int64_t c, int64_t k) {
+    if (wide) {
+        kron_rows_wide(src, dst, dtype, w1v, w2, r0, r1, b, c, k);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        if (dtype == 1)
+            kron_row(src, dst, 1, w1v, w2, r, b, c, k);
+        else
+            kron_row(src, dst, 2, w1v, w2, r, b, c, k);
+    }
+}
+
+/* Use the 16-lane kernels when `bits` is 512 and this CPU (and its OS) has AVX-512 F; else 8
+ * lanes. Returns the width now used. */
+int lohakr_vector_bits(int bits) {
+    wide = bits >= 512 && __builtin_cpu_supports("avx512f");
+    return wide ? 512 : 256;
+}
+
 /* LoKr, a weight viewed as (a*b, c*k): row r = i*b + p gets
  *     dst[r, j*k + q] = round(fma(w1v[i, j], w2[p, q], src[r, j*k + q]))
  * where w1v = value * w1 (float32, (a, c)) and w2 is (b, k) float32: the Kronecker product is never
@@ -119,12 +219,10 @@ INLINE void kron_row(const void *src, void *dst, const int dtype, const float *w
  * process's OpenMP runtime: PyTorch's own, so no second pool competes with its threads). */
 void lohakr_kron_add(const void *src, void *dst, int dtype, const float *w1v, const float *w2,
                      int64_t rows, int64_t b, int64_t c, int64_t k, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        if (dtype == 1)
-            kron_row(src, dst, 1, w1v, w2, r, b, c, k);
-        else
-            kron_row(src, dst, 2, w1v, w2, r, b, c, k);
+#pragma omp parallel num_threads(threads)
+    {
+        int team = omp_get_num_threads(), me = omp_get_thread_num();
+        kron_rows(src, dst, dtype, w1v, w2, rows * me / team, rows * (me + 1) / team, b, c, k);
     }
 }
 
@@ -192,12 +290,7 @@ int lohakr_kron_add_from_file(void *weight, int dtype, const float *w1v, const f
                 status = verdict;
                 break;
             }
-            for (int64_t q = r; q < r + n; q++) {
-                if (dtype == 1)
-                    kron_row(weight, weight, 1, w1v, w2, q, b, c, k);
-                else
-                    kron_row(weight, weight, 2, w1v, w2, q, b, c, k);
-            }
+            kron_rows(weight, weight, dtype, w1v, w2, r, r + n, b, c, k);
             r += n;
             patched_to[me] = r;
         }
@@ -253,7 +346,9 @@ void lohakr_hadamard_add(const void *src, void *dst, int dtype, const float *p, 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t s = 0; s < spans; s++) {
         int64_t start = s * SPAN, len = n - start < SPAN ? n - start : SPAN;
-        if (dtype == 1)
+        if (wide)
+            hadamard_run_wide(src, dst, dtype, start, len, value, p + start, q + start);
+        else if (dtype == 1)
             run_vector_a(src, dst, start, len, 1, value, p + start, q + start);
         else
             run_vector_a(src, dst, start, len, 2, value, p + start, q + start);
