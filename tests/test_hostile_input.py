@@ -209,6 +209,8 @@ PARSE_CASES = [
          "the safetensors header is JSON nested deeper"),
     Case("header nested 65 deep", lambda p: raw(p, ('{"a":' + deep(64) + "}").encode()), AdapterFormatError,
          "the safetensors header is JSON nested deeper than 64"),
+    Case("a shape of true", lambda p: raw(p, {"m.hada_w1_a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}},
+                                          bytes(1)), AdapterFormatError, "invalid shape or offsets"),
     Case("unknown dtype", lambda p: raw(p, {"m.hada_w1_a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},
                                         bytes(8)), AdapterFormatError, "unknown dtype 'Q7'"),
     Case("overlapping offsets", lambda p: raw(p, {
